@@ -1,0 +1,21 @@
+r"""The default job: CIFAR-10 (offline JPEG copy), 5 clients, Dir(0.1), a small 32-px ViT.
+
+  python -m fedmitr_jax.main --config configs/cifar10_cpu.py --workdir /tmp/fedmitr_cpu
+
+Budgeted to finish in under 10 minutes on a 2-core CPU with every method. Numbers it printed
+are in the README (results section). Args: 'alpha=0.3,clients=10' change the split.
+"""
+from fedmitr_jax import config_base
+
+
+def get_config(arg: str = ""):
+  args = config_base.parse_arg(arg, alpha=0.1, clients=5)
+  c = config_base.base_config()
+  c.partition.method = "dirichlet"
+  c.partition.alpha = args.alpha
+  c.partition.num_clients = args.clients
+  c.model.variant = "Mu/4"
+  c.clients.epochs = 2.0
+  c.clients.batch_size = 64
+  c.clients.lr = 1e-3
+  return c

@@ -1,0 +1,78 @@
+"""Per-stage checkpoints with Orbax, so a killed run resumes where it stopped.
+
+Layout under the workdir:
+  stages/<stage>/progress/<step>/   rolling saves while the stage runs (CheckpointManager)
+  stages/<stage>/result/<0>/        the finished stage's output pytree
+  stages/<stage>/result.json        small JSON facts about the result (sizes, timings)
+  stages/<stage>/DONE               written last: a stage without it is redone or resumed
+Orbax writes each step to a temporary folder and renames it when complete, so a kill during a
+save leaves the previous save readable; DONE is written after the result save has finished.
+"""
+import json
+import os
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def abstract_like(tree):
+  """Shape/dtype(/sharding) skeleton of `tree`: the restore target Orbax needs."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class StageStore:
+  """Saves and restores the outputs and in-progress state of named pipeline stages."""
+
+  def __init__(self, workdir):
+    self.root = pathlib.Path(workdir) / "stages"
+
+  def _dir(self, stage: str) -> pathlib.Path:
+    return self.root / stage
+
+  # ---- finished stages -------------------------------------------------------------------
+  def is_done(self, stage: str) -> bool:
+    return (self._dir(stage) / "DONE").exists()
+
+  def save_result(self, stage: str, tree, facts: dict | None = None) -> None:
+    with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:
+      manager.save(0, args=ocp.args.StandardSave(tree), force=True)
+      manager.wait_until_finished()
+    if jax.process_index() == 0:
+      _write_json_atomic(self._dir(stage) / "result.json", facts or {})
+      _write_json_atomic(self._dir(stage) / "DONE", {"stage": stage})
+
+  def load_result(self, stage: str, abstract_tree):
+    with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:
+      return manager.restore(0, args=ocp.args.StandardRestore(abstract_tree))
+
+  def load_facts(self, stage: str) -> dict:
+    return json.loads((self._dir(stage) / "result.json").read_text())
+
+  # ---- stages in progress ----------------------------------------------------------------
+  def progress_manager(self, stage: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """Rolling saves of an unfinished stage; use as a context manager."""
+    return _manager(self._dir(stage) / "progress", max_to_keep)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_tree):
+  """Returns (step, tree) of the newest save, or (0, None) when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return 0, None
+  return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_tree))
+
+
+def _write_json_atomic(path: pathlib.Path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2))
+  os.replace(tmp, path)
+
+
+write_json_atomic = _write_json_atomic

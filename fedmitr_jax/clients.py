@@ -1,0 +1,160 @@
+"""Stage 2: every client trains its own ViT on its own shard, and uploads it once.
+
+A client is three pure pieces (fedjax style): `init_client_state`, `client_train_step` and the
+final parameters. How clients run is a separate choice:
+  * 'vmap' (fast path): all K clients in one jitted, vmapped step over parameters stacked on a
+    leading client axis. Clients with fewer steps than the largest are masked (their state is left
+    unchanged), and partial last batches are masked per example.
+  * 'loop' (reference): the same step, jitted once, run client after client on the same batches.
+Both see identical batches and random numbers, so they give the same parameters (tested).
+"""
+import dataclasses
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedmitr_jax import augment, data as data_lib
+from fedmitr_jax.progress import Progress
+
+
+@flax.struct.dataclass
+class ClientState:
+  params: any
+  opt_state: any
+  step: jnp.ndarray  # this client's own number of applied updates (drives its lr schedule)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """Direction of the update; the learning rate is applied in the step so each client can have
+  its own schedule length while all clients share one vmapped computation."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # kernels only
+  if cfg.optimizer == "adamw":
+    core = [optax.scale_by_adam(b1=0.9, b2=0.999), optax.add_decayed_weights(cfg.weight_decay, decay_mask)]
+  elif cfg.optimizer == "sgd":
+    core = [optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.trace(decay=cfg.momentum)]
+  else:
+    raise ValueError(f"clients.optimizer: '{cfg.optimizer}' is unknown; use 'adamw' or 'sgd'")
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), *core)
+
+
+def warmup_cosine_lr(base_lr, step, total_steps, warmup_fraction):
+  total = jnp.maximum(total_steps, 1).astype(jnp.float32)
+  warmup = jnp.maximum(jnp.round(warmup_fraction * total), 1.0)
+  ramp = jnp.minimum(1.0, (step + 1.0) / warmup)
+  progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+  return base_lr * ramp * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
+
+def init_client_state(params, tx) -> ClientState:
+  return ClientState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def make_client_train_step(model, tx, cfg):
+  """Returns step(state, images_u8, labels, mask, total_steps, rng) -> (state, metrics).
+
+  A pure function of its inputs; an all-masked batch leaves the state exactly unchanged.
+  """
+
+  def loss_fn(params, images, labels, mask):
+    logits, _ = model.apply({"params": params}, images)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    count = jnp.maximum(mask.sum(), 1)
+    loss = jnp.sum(per_example * mask) / count
+    correct = jnp.sum((logits.argmax(-1) == labels) * mask)
+    return loss, correct
+
+  def step(state: ClientState, images_u8, labels, mask, total_steps, rng):
+    images = data_lib.normalize(augment.random_crop_flip(rng, images_u8, cfg.crop_padding))
+    (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, labels, mask)
+    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = warmup_cosine_lr(cfg.lr, state.step, total_steps, cfg.warmup_fraction)
+    params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
+    new_state = ClientState(params=params, opt_state=opt_state, step=state.step + 1)
+    active = mask.any()  # padded steps of clients that already finished change nothing
+    new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+    metrics = {"loss": loss * active, "correct": correct, "count": mask.sum()}
+    return new_state, metrics
+
+  return step
+
+
+# ---- batches ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """Which examples each client sees at each step. index: [K, T, B] global indices; mask: same
+  shape, False for padding; steps: [K] real step count of each client (T = max steps)."""
+  index: np.ndarray
+  mask: np.ndarray
+  steps: np.ndarray
+
+
+def plan_batches(parts, batch_size: int, epochs: float, seed: int) -> BatchPlan:
+  steps = np.array([max(1, math.ceil(epochs * len(p) / batch_size)) for p in parts])
+  total = int(steps.max())
+  index = np.zeros((len(parts), total, batch_size), np.int64)
+  mask = np.zeros((len(parts), total, batch_size), bool)
+  for k, part in enumerate(parts):
+    rng = np.random.default_rng([seed, k])
+    wanted = max(1, math.ceil(epochs * len(part)))
+    order = np.concatenate([rng.permutation(len(part)) for _ in range(math.ceil(wanted / len(part)))])
+    chosen = np.asarray(part)[order[:wanted]]
+    flat_index = np.zeros(steps[k] * batch_size, np.int64)
+    flat_index[:wanted] = chosen
+    index[k, :steps[k]] = flat_index.reshape(steps[k], batch_size)
+    mask[k, :steps[k]] = (np.arange(steps[k] * batch_size) < wanted).reshape(steps[k], batch_size)
+  return BatchPlan(index=index, mask=mask, steps=steps)
+
+
+def client_rngs(seed: int, num_clients: int):
+  base = jax.random.fold_in(jax.random.key(seed), 2)  # stream 2: client training
+  return jnp.stack([jax.random.fold_in(base, k) for k in range(num_clients)])
+
+
+# ---- runners ---------------------------------------------------------------------------------
+def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *, start_step=0,
+                       on_step=None, log_every=50, stage="clients"):
+  """All clients at once. `on_step(t, states)` is called after each step (checkpoints)."""
+  num_clients, total, batch = plan.index.shape
+  vstep = jax.jit(jax.vmap(step_fn), donate_argnums=0)
+  totals = jnp.asarray(plan.steps, jnp.int32)
+  progress = Progress(stage, total, int(plan.mask.sum() / total), start_step=start_step)
+  for t in range(start_step, total):
+    idx = plan.index[:, t]
+    step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, t)
+    states, metrics = vstep(states, images[idx], labels[idx].astype(np.int32),
+                            plan.mask[:, t], totals, step_rngs)
+    if on_step is not None:
+      on_step(t + 1, states)
+    if (t + 1) % log_every == 0 or t + 1 == total:
+      m = jax.device_get(metrics)
+      progress.report(t + 1, loss=m["loss"].sum() / max((m["count"] > 0).sum(), 1),
+                      train_acc=m["correct"].sum() / max(m["count"].sum(), 1))
+  return states
+
+
+def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *, log_every=50,
+                       stage="clients"):
+  """Reference: one client after another, each only for its own steps."""
+  jstep = jax.jit(step_fn)
+  totals = jnp.asarray(plan.steps, jnp.int32)
+  finished = []
+  for k in range(len(plan.steps)):
+    state = jax.tree.map(lambda x: x[k], states)
+    progress = Progress(f"{stage} {k}", int(plan.steps[k]), plan.index.shape[-1])
+    for t in range(int(plan.steps[k])):
+      idx = plan.index[k, t]
+      state, metrics = jstep(state, images[idx], labels[idx].astype(np.int32), plan.mask[k, t],
+                             totals[k], jax.random.fold_in(rngs[k], t))
+      if (t + 1) % log_every == 0 or t + 1 == plan.steps[k]:
+        progress.report(t + 1, loss=metrics["loss"])
+    finished.append(state)
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *finished)
+
+
+def stack_copies(tree, num: int):
+  """The same initial parameters for every client (one shared init, as in one-shot FL)."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num,) + x.shape).copy(), tree)

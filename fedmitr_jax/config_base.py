@@ -1,0 +1,120 @@
+"""The full set of config fields, with defaults; experiment files in configs/ override them.
+
+Every field a stage reads lives here, so `--config.x=y` on a field that does not exist fails
+(the config is locked), and a new stage adds its fields here with a comment saying why.
+"""
+import ml_collections
+
+ALL_METHODS = ("fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.methods = ALL_METHODS
+
+  # ---- data -------------------------------------------------------------------------------
+  c.dataset = ml_collections.ConfigDict()
+  # 'shared_cifar10': the offline JPEG copy in ../shared/data, unpacked once and read as a folder;
+  # 'folder': root/<split>/<class>/*.{jpg,png} (OfficeHome, Mini-ImageNet layout);
+  # 'tfds': a named tensorflow_datasets dataset already prepared under data_dir (never downloaded).
+  c.dataset.kind = "shared_cifar10"
+  c.dataset.name = "cifar10"           # tfds name (kind='tfds')
+  c.dataset.data_dir = ""              # tfds data_dir (kind='tfds'); '' = tfds default
+  c.dataset.root = ""                  # folder root (kind='folder')
+  c.dataset.tarball = "../shared/data/cifar10_jpg.tar.gz"  # relative paths: from the repo root
+  c.dataset.train_split = "train"
+  c.dataset.test_split = "test"
+  c.dataset.image_size = 32
+  c.dataset.cache_dir = ""             # '' = $FEDMITR_CACHE or ~/.cache/fedmitr_jax
+  c.dataset.max_train_examples = 0     # 0 = all; >0 = a class-stratified, seeded subset (smoke)
+  c.dataset.max_test_examples = 0
+
+  # ---- partition --------------------------------------------------------------------------
+  c.partition = ml_collections.ConfigDict()
+  c.partition.method = "dirichlet"     # 'dirichlet' | 'iid' | 'classes_per_client'
+  c.partition.num_clients = 5
+  c.partition.alpha = 0.1
+  c.partition.classes_per_client = 2
+  c.partition.min_client_examples = 10
+
+  # ---- model ------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "Mi/4"             # '<size>/<patch>': test, Mu, Mi, Ti, S, B
+  c.model.pretrained_path = ""         # clients start from this file (issue 4); '' = same random init
+
+  # ---- client (local) training ------------------------------------------------------------
+  c.clients = ml_collections.ConfigDict()
+  c.clients.mode = "vmap"              # 'vmap': all clients in one jitted step; 'loop': one by one
+  c.clients.epochs = 2.0               # epochs over each client's own shard
+  c.clients.batch_size = 64
+  c.clients.optimizer = "adamw"        # 'adamw' | 'sgd'
+  c.clients.lr = 1e-3
+  c.clients.momentum = 0.9             # sgd only
+  c.clients.weight_decay = 0.05
+  c.clients.warmup_fraction = 0.05
+  c.clients.grad_clip = 1.0
+  c.clients.crop_padding = 4           # random crop after zero padding, then horizontal flip
+  c.clients.checkpoint_every_steps = 200
+  c.clients.log_every_steps = 50
+
+  # ---- sparse model inversion (server, data-free) ---------------------------------------
+  c.inversion = ml_collections.ConfigDict()
+  c.inversion.num_batches = 2          # bank size = num_batches * batch_size
+  c.inversion.batch_size = 64
+  c.inversion.iterations = 100         # SMI: 4000 at 224 px
+  c.inversion.stops = (10, 20, 30, 40)  # SMI: (50, 100, 200, 300) of 4000; ignored by dense
+  c.inversion.drop_ratio = 0.3         # at each stop drop 30% of the kept patches (SMI)
+  c.inversion.lr = 0.25                # Adam on pixels, betas (0.5, 0.99) (SMI / DeepInversion)
+  c.inversion.beta1 = 0.5
+  c.inversion.beta2 = 0.99
+  c.inversion.tv_weight = 1e-4         # TV-l2 prior; ViTs have no BatchNorm, so no BN-statistics term
+  c.inversion.l2_weight = 0.0
+  c.inversion.jitter_patches = 1       # random roll by up to this many whole patches, each step
+  c.inversion.flip = True
+  c.inversion.teachers_mode = "loop"   # 'loop' (unrolled in jit; faster on CPU) | 'vmap'
+  # Dense inversion has no stops; 'attention' ranks its final images the same way to get the
+  # foreground mask token relabel needs (dense_relabel), 'all' marks every patch foreground.
+  c.inversion.dense_mask = "attention"
+  c.inversion.log_every = 25
+
+  # ---- token-relabel distillation (server) -----------------------------------------------
+  c.distill = ml_collections.ConfigDict()
+  c.distill.epochs = 20.0              # passes over the synthetic bank
+  c.distill.batch_size = 64            # global batch, split over all devices
+  c.distill.lr = 1e-3
+  c.distill.weight_decay = 0.05
+  c.distill.warmup_fraction = 0.05
+  c.distill.grad_clip = 1.0
+  c.distill.tau = 4.0                  # KD temperature on the CLS head
+  c.distill.beta = 0.5                 # weight of the token term (LV-ViT's 0.5)
+  c.distill.relabel_target = "token"   # background patches learn: 'token' (per-token ensemble) | 'image'
+  c.distill.zero_background = False    # False: the student sees every patch ("all patches", paper)
+  c.distill.shift_patches = 1          # augmentation: roll by whole patches + flip, labels move along
+  c.distill.flip = True
+  c.distill.init = "clients_fedavg"    # student init: 'clients_fedavg' | 'random'
+  c.distill.eval_token_weight = 0.5    # CLS+token accuracy: cls + w * max_i token_i (LV-ViT)
+  c.distill.checkpoint_every_steps = 100
+  c.distill.log_every = 25
+
+  # ---- evaluation -------------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 500
+  c.eval.ensemble_weighting = "uniform"  # weights of the client softmaxes: "uniform" | "data_size"
+  c.eval.fedavg_weighting = "data_size"  # FedAvg parameter average weights (McMahan et al.: data size)
+  return c
+
+
+def parse_arg(arg: str, **defaults):
+  """Parses 'key=value,flag' config args (big_vision style) into a ConfigDict with defaults."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in parsed:
+      raise ValueError(f"config arg '{key}' is unknown; known args: {sorted(parsed.keys())}")
+    if not _:
+      parsed[key] = True
+    else:
+      kind = type(parsed[key])
+      parsed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return parsed

@@ -1,0 +1,139 @@
+"""Stage 4: token-relabel distillation of the ensemble into a global ViT, data-parallel.
+
+  L = tau^2 KL(E_tau(x) || softmax(S_cls(x)/tau))
+      + beta * mean_i [ m_i CE(S_i(x), y) + (1 - m_i) SoftCE(S_i(x), q_i(x)) ]
+
+m_i = 1 for patches the sparse inversion kept (they learn the generated label y); the others are
+relabelled by the ensemble: q_i is its per-token soft label, or (relabel_target='image') its
+image-level soft label. beta = 0 gives plain KD on the CLS head (dense_kd / sparse_kd).
+The student has an LV-ViT-style separate token head. The batch is split over a 'data' mesh axis
+and parameters are replicated; XLA inserts the gradient all-reduce.
+"""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fedmitr_jax import patches, sharding
+from fedmitr_jax.progress import Progress
+
+
+@flax.struct.dataclass
+class StudentState:
+  params: any
+  opt_state: any
+  step: jnp.ndarray
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  warmup = max(1, int(cfg.warmup_fraction * total_steps))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1))
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target):
+  """Returns (loss, terms). Token arrays are in the order of the bank's patch indices."""
+  teacher_soft = jnp.mean(jax.nn.softmax(batch["teacher_logits"] / tau, -1), axis=1)  # [B, C]
+  student_log = jax.nn.log_softmax(cls_logits / tau, -1)
+  kd = tau ** 2 * jnp.sum(teacher_soft * (jnp.log(teacher_soft + 1e-12) - student_log), -1).mean()
+  terms = {"kd": kd}
+  loss = kd
+  if beta:
+    token_log = jax.nn.log_softmax(token_logits, -1)  # [B, N, C]
+    hard = -jnp.take_along_axis(token_log, batch["labels"][:, None, None], axis=-1)[..., 0]
+    if relabel_target == "token":
+      q = batch["token_probs"]
+    else:  # the image-level ensemble label (T = 1) on every background token
+      q = jnp.mean(jax.nn.softmax(batch["teacher_logits"], -1), axis=1)[:, None, :]
+    soft = -jnp.sum(q * token_log, -1)
+    m = batch["masks"].astype(jnp.float32)
+    terms["token_fg"] = jnp.sum(m * hard) / jnp.maximum(m.sum(), 1.0)
+    terms["token_bg"] = jnp.sum((1 - m) * soft) / jnp.maximum((1 - m).sum(), 1.0)
+    token = jnp.mean(m * hard + (1 - m) * soft)
+    terms["token"] = token
+    loss = loss + beta * token
+  return loss, terms
+
+
+def make_distill_step(model, tx, cfg):
+  """step(state, batch, rng) -> (state, metrics); pure, one compilation for all steps."""
+  patch = model.patch_size
+
+  def loss_fn(params, batch, rng):
+    images = batch["images"]
+    if cfg.zero_background:  # SMI-style: the student sees only the inverted foreground
+      images = images * patches.patch_pixel_mask(batch["masks"], images.shape[1], patch)
+    all_idx = jnp.broadcast_to(jnp.arange(batch["masks"].shape[1], dtype=jnp.int32), batch["masks"].shape)
+    # Patch-aligned roll + flip; `positions` makes the student return tokens in bank order, so the
+    # token labels and masks move with the pixels without being permuted.
+    augmented, positions = patches.random_roll_flip(rng, images, all_idx, patch_size=patch,
+                                                    max_shift=cfg.shift_patches, flip=cfg.flip)
+    cls_logits, out = model.apply({"params": params}, augmented, keep_idx=positions)
+    return relabel_loss(cls_logits, out["token_logits"], batch, tau=cfg.tau, beta=cfg.beta,
+                        relabel_target=cfg.relabel_target)
+
+  def step(state: StudentState, batch, rng):
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return StudentState(params=params, opt_state=opt_state, step=state.step + 1), {"loss": loss, **terms}
+
+  return step
+
+
+def jit_sharded_step(step, mesh):
+  """The step under jit with the batch split over 'data' and the state replicated."""
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(step, in_shardings=(replicated, split, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def plan_steps(bank_size: int, batch_size: int, epochs: float) -> int:
+  if bank_size < batch_size:
+    raise ValueError(f"distill.batch_size: {batch_size} is larger than the synthetic bank "
+                     f"({bank_size} images); lower it or raise inversion.num_batches")
+  return max(1, int(epochs * (bank_size // batch_size)))
+
+
+def batch_indices(bank_size: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Examples of `step`: epoch-wise seeded permutations, last partial batch dropped."""
+  per_epoch = bank_size // batch_size
+  epoch, within = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(bank_size)
+  return order[within * batch_size:(within + 1) * batch_size]
+
+
+def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, mesh=None):
+  """Distils the bank into the student. `manager` (Orbax) gives periodic saves and resume."""
+  mesh = mesh or sharding.data_mesh()
+  sharding.check_divisible(cfg.batch_size, "distill.batch_size")
+  bank_size = len(bank["labels"])
+  total = plan_steps(bank_size, cfg.batch_size, cfg.epochs)
+  tx = make_optimizer(cfg, total)
+  state = StudentState(params=init_params, opt_state=tx.init(init_params), step=jnp.zeros((), jnp.int32))
+  start = 0
+  if manager is not None:
+    from fedmitr_jax import checkpoints  # local: keeps this module importable without orbax
+    start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(state))
+    state = saved if saved is not None else state
+  state = sharding.replicate(mesh, state)
+  step_fn = jit_sharded_step(make_distill_step(model, tx, cfg), mesh)
+  split = NamedSharding(mesh, P("data"))
+  rng = jax.random.fold_in(jax.random.key(seed), 4)  # stream 4: distillation
+  keys = ("images", "labels", "masks", "teacher_logits", "token_probs")
+  progress = Progress(stage, total, cfg.batch_size, start_step=start)
+  for t in range(start, total):
+    idx = batch_indices(bank_size, cfg.batch_size, t, seed)
+    batch = jax.device_put({k: bank[k][idx] for k in keys}, split)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(rng, t))
+    if manager is not None and (t + 1) % cfg.checkpoint_every_steps == 0:
+      manager.save(t + 1, args=checkpoints.ocp.args.StandardSave(state))
+    if (t + 1) % cfg.log_every == 0 or t + 1 == total:
+      progress.report(t + 1, **jax.device_get(metrics))
+  if manager is not None:
+    manager.wait_until_finished()
+  return state.params, {"seconds": progress.elapsed(), "steps": total}

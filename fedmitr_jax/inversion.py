@@ -1,0 +1,183 @@
+"""Stage 3: sparse model inversion of the client ensemble (server side, data-free).
+
+Pixels x (normalised space) are optimised with Adam so the ensemble classifies them as target
+labels y, under a total-variation prior. At the stop iterations the kept patch tokens are ranked
+by the last block's CLS-to-patch attention (mean over heads and teachers) and only the top
+(1 - drop_ratio) survive: from then on only they are forwarded (a gather after the position
+embedding, so the forward pass really shrinks) and only their pixels change. Every stage has a
+static token count, so each stage is one compilation. Dense inversion is the same loop, no stops.
+"""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedmitr_jax import data as data_lib, ensemble, patches
+from fedmitr_jax.progress import Progress
+
+
+def keep_counts(num_patches: int, num_stops: int, drop_ratio: float) -> list[int]:
+  """Tokens kept in each stage: N, then floor((1 - r) * previous) at each stop (SMI)."""
+  counts = [num_patches]
+  for _ in range(num_stops):
+    counts.append(max(1, int(counts[-1] * (1.0 - drop_ratio))))
+  return counts
+
+
+def tv_l2(x):
+  """DeepInversion's smoothness prior: L2 norms of neighbour differences (4 directions)."""
+  d1 = x[:, :, :-1] - x[:, :, 1:]
+  d2 = x[:, :-1, :] - x[:, 1:, :]
+  d3 = x[:, 1:, :-1] - x[:, :-1, 1:]
+  d4 = x[:, :-1, :-1] - x[:, 1:, 1:]
+  return sum(jnp.sqrt(jnp.sum(d * d)) for d in (d1, d2, d3, d4))
+
+
+@flax.struct.dataclass
+class InversionState:
+  pixels: jnp.ndarray       # [B, H, W, 3] current images, normalised space
+  opt_state: any
+  keep_idx: jnp.ndarray     # [B, n] patch indices still being inverted (static n per stage)
+  best_pixels: jnp.ndarray  # best iterate of the current stage, per image
+  best_ce: jnp.ndarray      # [B]
+
+
+def _adam(cfg):
+  return optax.adam(cfg.lr, b1=cfg.beta1, b2=cfg.beta2)
+
+
+def init_state(cfg, rng, batch: int, image_size: int, num_patches: int) -> InversionState:
+  pixels = jax.random.normal(rng, (batch, image_size, image_size, 3), jnp.float32)
+  keep_idx = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), (batch, num_patches))
+  return InversionState(pixels=pixels, opt_state=_adam(cfg).init(pixels), keep_idx=keep_idx,
+                        best_pixels=jnp.copy(pixels), best_ce=jnp.full((batch,), jnp.inf))
+
+
+def make_inversion_step(model, cfg, image_size: int):
+  """step(state, labels, teacher_params, weights, rng) -> (state, metrics); pure and jittable."""
+  patch, tx = model.patch_size, _adam(cfg)
+  num_patches = (image_size // patch) ** 2
+
+  def loss_fn(pixels, keep_idx, labels, teacher_params, weights, rng):
+    augmented, positions = patches.random_roll_flip(rng, pixels, keep_idx, patch_size=patch,
+                                                    max_shift=cfg.jitter_patches, flip=cfg.flip)
+    out = ensemble.ensemble_outputs(model, teacher_params, weights, augmented, keep_idx=positions,
+                                    mode=cfg.teachers_mode)
+    ce = -jnp.take_along_axis(out["log_probs"], labels[:, None], axis=1)[:, 0]
+    loss = ce.mean() + cfg.tv_weight * tv_l2(pixels) + cfg.l2_weight * jnp.mean(pixels ** 2)
+    return loss, ce
+
+  def step(state: InversionState, labels, teacher_params, weights, rng):
+    (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.pixels, state.keep_idx, labels, teacher_params, weights, rng)
+    # The loss was measured on the current pixels: keep them if they are this image's best so far.
+    better = ce < state.best_ce
+    best_pixels = jnp.where(better[:, None, None, None], state.pixels, state.best_pixels)
+    best_ce = jnp.where(better, ce, state.best_ce)
+    updates, opt_state = tx.update(grads, state.opt_state, state.pixels)
+    # Frozen (dropped) patches: Adam's momentum would still move them, so mask the update.
+    frozen = patches.patch_pixel_mask(patches.index_to_mask(state.keep_idx, num_patches), image_size, patch)
+    pixels = jnp.clip(state.pixels + updates * frozen, data_lib.PIXEL_MIN, data_lib.PIXEL_MAX)
+    new = state.replace(pixels=pixels, opt_state=opt_state, best_pixels=best_pixels, best_ce=best_ce)
+    return new, {"loss": loss, "ce": ce.mean()}
+
+  return step
+
+
+def make_prune(model, cfg):
+  """prune(pixels, keep_idx, teacher_params, weights, n_keep) -> the top-n_keep of keep_idx by
+  ensemble CLS attention, sorted by position."""
+
+  @functools.partial(jax.jit, static_argnums=4)
+  def prune(pixels, keep_idx, teacher_params, weights, n_keep):
+    out = ensemble.ensemble_outputs(model, teacher_params, weights, pixels, keep_idx=keep_idx,
+                                    mode=cfg.teachers_mode, need_attention=True)
+    _, top = jax.lax.top_k(out["cls_attention"], n_keep)
+    return jnp.sort(jnp.take_along_axis(keep_idx, top, axis=1), axis=1)
+
+  return prune
+
+
+def make_soft_labels(model, cfg):
+  """Final ensemble outputs on whole images: per-teacher image logits and per-token probs."""
+
+  @jax.jit
+  def soft_labels(pixels, teacher_params, weights):
+    logits, out = ensemble._per_teacher(model, teacher_params, pixels, None, False, cfg.teachers_mode)
+    token_probs = jnp.sum(weights[:, None, None, None] * jax.nn.softmax(out["token_logits"], -1), 0)
+    return jnp.swapaxes(logits, 0, 1), token_probs  # [B, K, C], [B, N, C]
+
+  return soft_labels
+
+
+def balanced_labels(rng_seed: int, batch: int, num_classes: int) -> np.ndarray:
+  """Class-balanced targets: each class equally often (up to one), in a seeded order."""
+  labels = np.arange(batch) % num_classes
+  return np.random.default_rng(rng_seed).permutation(labels).astype(np.int32)
+
+
+class Inverter:
+  """The jitted pieces of one inversion setup, compiled once and reused for every batch
+  (one compilation per token count)."""
+
+  def __init__(self, model, cfg, image_size: int):
+    self.model, self.cfg, self.image_size = model, cfg, image_size
+    self.step = jax.jit(make_inversion_step(model, cfg, image_size), donate_argnums=0)
+    self.prune = make_prune(model, cfg)
+    self.soft_labels = make_soft_labels(model, cfg)
+
+
+def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *, sparse: bool,
+                     stage_name: str, shard=lambda x: x):
+  """Inverts one batch. Returns numpy arrays: images, labels, masks [B, N] (kept patches),
+  teacher_logits [B, K, C], token_probs [B, N, C], plus the seconds spent and tokens per stage."""
+  model, cfg, image_size = inverter.model, inverter.cfg, inverter.image_size
+  num_patches = (image_size // model.patch_size) ** 2
+  stops = sorted(s for s in cfg.stops if 0 < s < cfg.iterations) if sparse else []
+  counts = keep_counts(num_patches, len(stops), cfg.drop_ratio)
+  state = jax.tree.map(shard, init_state(cfg, rng, len(labels), image_size, num_patches))
+  labels = shard(jnp.asarray(labels))
+  step, prune = inverter.step, inverter.prune
+  progress = Progress(stage_name, cfg.iterations, len(labels))
+  bounds = [0] + stops + [cfg.iterations]
+  for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+    if stage > 0:  # a stop: rank with the current pixels, keep the top, restart the best iterate
+      keep = prune(state.pixels, state.keep_idx, teacher_params, weights, counts[stage])
+      state = state.replace(keep_idx=keep, best_pixels=jnp.copy(state.pixels),
+                            best_ce=jnp.full_like(state.best_ce, jnp.inf))
+    for it in range(start, stop):
+      state, metrics = step(state, labels, teacher_params, weights, jax.random.fold_in(rng, it))
+      if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+        progress.report(it + 1, loss=metrics["loss"], ce=metrics["ce"], tokens=counts[stage])
+  # The best iterate of the last stage (dropped patches are identical across its iterates).
+  final = state.best_pixels
+  keep_idx = state.keep_idx
+  if not sparse and cfg.dense_mask == "attention":
+    # Dense inversion has no stops; for token relabel, rank its final image the same way.
+    for n_keep in keep_counts(num_patches, len(cfg.stops), cfg.drop_ratio)[1:]:
+      keep_idx = prune(final, keep_idx, teacher_params, weights, n_keep)
+  teacher_logits, token_probs = inverter.soft_labels(final, teacher_params, weights)
+  jax.block_until_ready(token_probs)
+  return {
+      "images": np.asarray(final), "labels": np.asarray(labels),
+      "masks": np.asarray(patches.index_to_mask(keep_idx, num_patches)),
+      "teacher_logits": np.asarray(teacher_logits), "token_probs": np.asarray(token_probs),
+  }, {"seconds": progress.elapsed(), "tokens_per_stage": counts}
+
+
+def stage_token_schedule(cfg, num_patches: int, sparse: bool):
+  """(iterations, tokens) per stage: what the sparse speed-up comes from."""
+  stops = sorted(s for s in cfg.stops if 0 < s < cfg.iterations) if sparse else []
+  bounds = [0] + stops + [cfg.iterations]
+  counts = keep_counts(num_patches, len(stops), cfg.drop_ratio)
+  return [(b - a, n) for a, b, n in zip(bounds[:-1], bounds[1:], counts)]
+
+
+def expected_flop_fraction(cfg, num_patches: int) -> float:
+  """Token-iterations of sparse over dense: a lower bound on the time ratio's inverse."""
+  sparse = sum(i * n for i, n in stage_token_schedule(cfg, num_patches, True))
+  return sparse / (cfg.iterations * num_patches)
+

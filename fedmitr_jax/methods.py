@@ -1,0 +1,80 @@
+"""The data-free methods of SPEC.md's table, run side by side on the same teachers.
+
+  method         synthesis   distillation loss
+  dense_kd       dense       KL on the CLS head (beta = 0)
+  sparse_kd      sparse      KL on the CLS head (beta = 0)
+  dense_relabel  dense       full token-relabel loss
+  fedmitr        sparse      full token-relabel loss
+Methods that share a synthesis share its bank (built once, checkpointed as its own stage).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmitr_jax import distill, evaluate, synthetic_bank
+from fedmitr_jax.models import vit
+from fedmitr_jax.progress import log
+
+DATA_FREE = {  # name -> (bank, uses token relabel)
+    "dense_kd": ("dense", False),
+    "sparse_kd": ("sparse", False),
+    "dense_relabel": ("dense", True),
+    "fedmitr": ("sparse", True),
+}
+
+
+def student_init(config, student, fedavg_params, num_classes):
+  params = vit.init_params(student, jax.random.fold_in(jax.random.key(config.seed), 5),
+                           config.dataset.image_size)
+  if config.distill.init == "clients_fedavg":  # start from FedAvg, as DENSE does
+    params = dict(fedavg_params)
+    params["token_head"] = fedavg_params["head"]
+  # Fresh buffers: the distillation step donates its state, and FedAvg's are used again later.
+  return jax.tree.map(jnp.copy, params)
+
+
+def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store):
+  """Returns {method: {test_acc, test_acc_cls_token, seconds, ...}} for the data-free methods."""
+  wanted = [m for m in config.methods if m in DATA_FREE]
+  image_size, num_classes = config.dataset.image_size, dataset.num_classes
+  teacher = vit.build_vit(config.model.variant, num_classes, image_size=image_size)
+  student = vit.build_vit(config.model.variant, num_classes, image_size=image_size,
+                          separate_token_head=True)
+  banks = {}
+  for kind in sorted({DATA_FREE[m][0] for m in wanted}):
+    banks[kind] = synthetic_bank.build_bank(
+        f"synthesis_{kind}", teacher, config.inversion, teacher_params, weights,
+        num_classes=num_classes, image_size=image_size, seed=config.seed,
+        sparse=kind == "sparse", store=store)
+  results = {}
+  for method in wanted:
+    kind, relabel = DATA_FREE[method]
+    bank, bank_facts = banks[kind]
+    cfg = config.distill.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.beta = config.distill.beta if relabel else 0.0
+    stage = f"distill_{method}"
+    init = student_init(config, student, fedavg_params, num_classes)
+    if store.is_done(stage):
+      from fedmitr_jax import checkpoints
+      params, facts = store.load_result(stage, checkpoints.abstract_like(init)), store.load_facts(stage)
+      log(f"[{stage}] loaded from checkpoint")
+    else:
+      with store.progress_manager(stage) as manager:
+        params, facts = distill.train_student(student, cfg, bank, init, seed=config.seed,
+                                              stage=stage, manager=manager)
+      store.save_result(stage, params, facts)
+    e = config.eval
+    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size)
+    acc_tok = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size,
+                                token_weight=config.distill.eval_token_weight)
+    results[method] = {"test_acc": acc, "test_acc_cls_token": acc_tok,
+                       "synthesis_seconds": bank_facts["seconds"], "distill_seconds": facts["seconds"],
+                       "bank_images": bank_facts["images"],
+                       "kept_fraction": bank_facts["mean_kept_fraction"]}
+  return results, {kind: facts for kind, (_, facts) in banks.items()}, banks
+
+
+def bank_summary(banks) -> dict:
+  return {kind: {"images": int(len(b["labels"])), "kept_fraction": float(np.mean(b["masks"]))}
+          for kind, (b, _) in banks.items()}

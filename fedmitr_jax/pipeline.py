@@ -1,0 +1,123 @@
+"""The whole run, stage by stage: partition -> clients -> (synthesis -> distillation) -> evaluate.
+
+Each stage saves its result through `StageStore`; a rerun on the same workdir loads finished
+stages instead of redoing them and resumes an unfinished one from its last save.
+"""
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmitr_jax import checkpoints, clients, evaluate, methods as methods_lib, partition as partition_lib, plots
+from fedmitr_jax.checkpoints import StageStore, write_json_atomic
+from fedmitr_jax.models import vit
+from fedmitr_jax.progress import log
+
+
+def run_partition(config, dataset, store: StageStore, workdir: pathlib.Path):
+  if store.is_done("partition"):
+    saved = store.load_result("partition", None)
+    indices, offsets = np.asarray(saved["indices"]), np.asarray(saved["offsets"])
+    log("[partition] loaded from checkpoint")
+    return [indices[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+  p = config.partition
+  parts = partition_lib.partition_indices(
+      dataset.train_labels, p.num_clients, p.method, alpha=p.alpha,
+      classes_per_client=p.classes_per_client, seed=config.seed,
+      min_client_examples=p.min_client_examples)
+  counts = partition_lib.class_counts(dataset.train_labels, parts, dataset.num_classes)
+  partition_lib.save_partition_report(counts, dataset.class_names, workdir)
+  offsets = np.cumsum([0] + [len(x) for x in parts])
+  store.save_result("partition", {"indices": np.concatenate(parts), "offsets": offsets},
+                    {"client_sizes": [len(x) for x in parts]})
+  log(f"[partition] {p.method} over {p.num_clients} clients, sizes {[len(x) for x in parts]}")
+  return parts
+
+
+def client_model(config, dataset):
+  return vit.build_vit(config.model.variant, dataset.num_classes, image_size=config.dataset.image_size)
+
+
+def run_clients(config, dataset, parts, store: StageStore):
+  """Trains (or loads) the K client models; returns their parameters stacked on axis 0."""
+  model = client_model(config, dataset)
+  cfg = config.clients
+  init = vit.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 1), config.dataset.image_size)
+  tx = clients.make_optimizer(cfg)
+  states = clients.stack_copies(clients.init_client_state(init, tx), len(parts))
+  if store.is_done("clients"):
+    log("[clients] loaded from checkpoint")
+    return store.load_result("clients", checkpoints.abstract_like(states.params))
+
+  plan = clients.plan_batches(parts, cfg.batch_size, cfg.epochs, config.seed)
+  step_fn = clients.make_client_train_step(model, tx, cfg)
+  rngs = clients.client_rngs(config.seed, len(parts))
+  log(f"[clients] {len(parts)} clients, {cfg.mode} mode, steps per client {plan.steps.tolist()}")
+  started = time.perf_counter()
+  if cfg.mode == "vmap":
+    with store.progress_manager("clients") as manager:
+      start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(states))
+      if saved is not None:
+        states = saved
+        log(f"[clients] resuming at step {start}")
+
+      def save_every(t, s):
+        if t % cfg.checkpoint_every_steps == 0:
+          manager.save(t, args=checkpoints.ocp.args.StandardSave(s))
+
+      states = clients.train_clients_vmap(step_fn, states, dataset.train_images, dataset.train_labels,
+                                          plan, rngs, start_step=start, on_step=save_every,
+                                          log_every=cfg.log_every_steps)
+      manager.wait_until_finished()
+  elif cfg.mode == "loop":  # the reference path restarts from scratch if killed
+    states = clients.train_clients_loop(step_fn, states, dataset.train_images, dataset.train_labels,
+                                        plan, rngs, log_every=cfg.log_every_steps)
+  else:
+    raise ValueError(f"clients.mode: '{cfg.mode}' is unknown; use 'vmap' or 'loop'")
+  seconds = time.perf_counter() - started
+  store.save_result("clients", states.params, {"seconds": seconds, "mode": cfg.mode,
+                                               "steps": plan.steps.tolist()})
+  log(f"[clients] done in {seconds / 60:.1f} min")
+  return states.params
+
+
+def run_baseline_eval(config, dataset, parts, stacked_params):
+  """fedavg, ensemble and every client on the test set."""
+  model = client_model(config, dataset)
+  sizes = [len(p) for p in parts]
+  e = config.eval
+  client_acc, ensemble_acc = evaluate.client_and_ensemble_accuracy(
+      model, stacked_params, dataset.test_images, dataset.test_labels, e.batch_size,
+      evaluate.client_weights(sizes, e.ensemble_weighting))
+  avg = evaluate.fedavg_params(stacked_params, evaluate.client_weights(sizes, e.fedavg_weighting))
+  fedavg_acc = evaluate.accuracy(model, avg, dataset.test_images, dataset.test_labels, e.batch_size)
+  methods = {"fedavg": {"test_acc": fedavg_acc}, "ensemble": {"test_acc": ensemble_acc}}
+  client_rows = [{"test_acc": a, "num_examples": n} for a, n in zip(client_acc, sizes)]
+  return methods, client_rows
+
+
+def run(config, dataset, workdir) -> dict:
+  workdir = pathlib.Path(workdir)
+  store = StageStore(workdir)
+  parts = run_partition(config, dataset, store, workdir)
+  stacked_params = run_clients(config, dataset, parts, store)
+  methods, client_rows = run_baseline_eval(config, dataset, parts, stacked_params)
+  sizes = [len(p) for p in parts]
+  weights = evaluate.client_weights(sizes, config.eval.ensemble_weighting)
+  fedavg = evaluate.fedavg_params(stacked_params, evaluate.client_weights(sizes, config.eval.fedavg_weighting))
+  data_free, bank_facts, banks = methods_lib.run_data_free(config, dataset, stacked_params, weights,
+                                                           fedavg, store)
+  methods.update(data_free)
+  for kind, (bank, _) in banks.items():
+    plots.save_bank_grid(bank, dataset.class_names, config.model.variant, workdir / f"synthetic_{kind}.png")
+  methods = {name: methods[name] for name in config.methods if name in methods}
+  results = {"methods": methods, "clients": client_rows, "synthesis": bank_facts,
+             "config": config.to_dict()}
+  write_json_atomic(workdir / "results.json", results)
+  evaluate.write_results_markdown(results, workdir / "results.md")
+  for name, entry in methods.items():
+    log(f"[evaluate] {name:>14s}: {100 * entry['test_acc']:.2f}%")
+  log("[evaluate] clients: " + " ".join(f"{100 * c['test_acc']:.1f}%" for c in client_rows))
+  return results

@@ -1,0 +1,96 @@
+"""Everything before the first stage: validate the config and data, then record the run.
+
+All checks run before anything is written, so bad input stops with one line naming the field
+and the fix, and leaves no half-written stage in the workdir.
+"""
+import importlib.metadata
+import json
+import pathlib
+import platform
+import subprocess
+
+import jax
+
+from fedmitr_jax import checkpoints, data as data_lib, partition as partition_lib
+from fedmitr_jax.models import vit
+from fedmitr_jax.progress import log
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
+            "ml-collections", "chex", "numpy")
+
+
+class InputError(ValueError):
+  """Bad config or data, found before any stage ran."""
+
+
+def check_config(config) -> None:
+  """Checks that need no data."""
+  try:
+    data_lib.check_dataset_config(config.dataset)
+    partition_lib.check_partition_config(config.partition)
+    vit.build_vit(config.model.variant, 2, image_size=config.dataset.image_size)
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  if config.clients.mode not in ("vmap", "loop"):
+    raise InputError(f"clients.mode: '{config.clients.mode}' is unknown; use 'vmap' or 'loop'")
+  if config.clients.optimizer not in ("adamw", "sgd"):
+    raise InputError(f"clients.optimizer: '{config.clients.optimizer}' is unknown; use 'adamw' or 'sgd'")
+  for field in ("ensemble_weighting", "fedavg_weighting"):
+    if config.eval[field] not in ("uniform", "data_size"):
+      raise InputError(f"eval.{field}: '{config.eval[field]}' is unknown; use 'uniform' or 'data_size'")
+  if config.clients.epochs <= 0 or config.clients.batch_size < 1:
+    raise InputError("clients.epochs and clients.batch_size must be positive; fix the config")
+
+
+def prepare(config, workdir):
+  """Validates config and data, then writes config.json and metadata.json. Returns the dataset."""
+  check_config(config)
+  try:
+    dataset = data_lib.load_dataset(config.dataset, seed=config.seed)
+    partition_lib.check_partition_config(config.partition, len(dataset.train_labels), dataset.num_classes)
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  workdir = pathlib.Path(workdir)
+  resolved = config.to_dict()
+  saved_config = workdir / "config.json"
+  if saved_config.exists():
+    previous = json.loads(saved_config.read_text())
+    if previous != json.loads(json.dumps(resolved)):
+      changed = sorted(_diff_keys(previous, json.loads(json.dumps(resolved))))
+      raise InputError(f"workdir: {workdir} holds a run with a different config (fields {changed}); "
+                       "use a new --workdir, or delete this one to start over")
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints.write_json_atomic(saved_config, resolved)
+    checkpoints.write_json_atomic(workdir / "metadata.json", run_metadata())
+  log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over "
+      f"{jax.process_count()} process(es); dataset {dataset.name}: {len(dataset.train_labels)} train, "
+      f"{len(dataset.test_labels)} test, {dataset.num_classes} classes")
+  return dataset
+
+
+def _diff_keys(a, b, prefix=""):
+  for key in set(a) | set(b):
+    x, y = a.get(key), b.get(key)
+    if isinstance(x, dict) and isinstance(y, dict):
+      yield from _diff_keys(x, y, f"{prefix}{key}.")
+    elif x != y:
+      yield prefix + key
+
+
+def run_metadata() -> dict:
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  try:
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {"packages": versions, "python": platform.python_version(), "git_commit": commit,
+          "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+          "process_count": jax.process_count(), "backend": jax.default_backend()}

@@ -1,0 +1,76 @@
+"""Stage 3 runner: builds a synthetic bank (several inverted batches) on disk, resumably.
+
+The bank is saved after every finished batch, so a killed synthesis resumes at the next batch.
+Each batch has its own seeded targets and initial pixels (fold_in of the batch number), so a
+resumed bank equals an uninterrupted one.
+"""
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fedmitr_jax import checkpoints, inversion, sharding
+from fedmitr_jax.progress import log
+
+BANK_KEYS = ("images", "labels", "masks", "teacher_logits", "token_probs")
+
+
+def _empty_bank(cfg, model, num_classes, num_teachers, image_size):
+  n = cfg.num_batches * cfg.batch_size
+  num_patches = (image_size // model.patch_size) ** 2
+  return {
+      "images": np.zeros((n, image_size, image_size, 3), np.float32),
+      "labels": np.zeros((n,), np.int32),
+      "masks": np.zeros((n, num_patches), bool),
+      "teacher_logits": np.zeros((n, num_teachers, num_classes), np.float32),
+      "token_probs": np.zeros((n, num_patches, num_classes), np.float32),
+      "batches_done": np.zeros((), np.int32),
+  }
+
+
+def build_bank(name: str, model, cfg, teacher_params, weights, *, num_classes, image_size, seed,
+               sparse: bool, store):
+  """Returns (bank dict of numpy arrays, facts). `name` is the stage name ('synthesis_sparse')."""
+  num_teachers = len(weights)
+  template = _empty_bank(cfg, model, num_classes, num_teachers, image_size)
+  if store.is_done(name):
+    log(f"[{name}] loaded from checkpoint")
+    return store.load_result(name, checkpoints.abstract_like(template)), store.load_facts(name)
+  mesh = sharding.data_mesh()
+  shard = sharding.batch_sharder(mesh, cfg.batch_size, "inversion.batch_size")
+  replicated = NamedSharding(mesh, P())
+  teacher_params = jax.device_put(teacher_params, replicated)
+  weights = jax.device_put(np.asarray(weights, np.float32), replicated)
+  inverter = inversion.Inverter(model, cfg, image_size)
+  base_rng = jax.random.fold_in(jax.random.key(seed), 3)  # stream 3: synthesis
+  with store.progress_manager(name, max_to_keep=1) as manager:
+    _, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(template))
+    bank = jax.tree.map(np.asarray, saved) if saved is not None else template
+    seconds = []
+    done = int(bank["batches_done"])
+    if done:
+      log(f"[{name}] resuming after {done}/{cfg.num_batches} batches")
+    for b in range(done, cfg.num_batches):
+      # Same seeds for the dense and sparse banks: they differ only by the stops.
+      labels = inversion.balanced_labels(seed * 100_003 + b, cfg.batch_size, num_classes)
+      out, facts = inversion.synthesize_batch(
+          inverter, teacher_params, weights, labels, jax.random.fold_in(base_rng, b), sparse=sparse, stage_name=f"{name} {b + 1}/{cfg.num_batches}",
+          shard=shard)
+      rows = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+      for key in BANK_KEYS:
+        bank[key][rows] = out[key]
+      bank["batches_done"] = np.int32(b + 1)
+      seconds.append(facts["seconds"])
+      manager.save(b + 1, args=checkpoints.ocp.args.StandardSave(bank))
+    manager.wait_until_finished()
+  facts = {"seconds": float(sum(seconds)), "seconds_per_batch": seconds,
+           "tokens_per_stage": inversion.keep_counts(template["masks"].shape[1],
+                                                     len([s for s in cfg.stops if 0 < s < cfg.iterations]) if sparse else 0,
+                                                     cfg.drop_ratio),
+           "iterations": cfg.iterations, "images": int(len(bank["labels"])),
+           "mean_kept_fraction": float(bank["masks"].mean())}
+  store.save_result(name, bank, facts)
+  log(f"[{name}] {facts['images']} images in {facts['seconds']:.1f} s, tokens per stage "
+      f"{facts['tokens_per_stage']}")
+  return bank, facts
