@@ -120,7 +120,8 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
     from fedmitr_jax import checkpoints  # local: keeps this module importable without orbax
     start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(state))
     state = saved if saved is not None else state
-  state = sharding.replicate(mesh, state)
+  # Copies: the step donates its state, and the caller's initial parameters must stay valid.
+  state = sharding.replicate(mesh, jax.tree.map(jnp.copy, state))
   step_fn = jit_sharded_step(make_distill_step(model, tx, cfg), mesh)
   split = NamedSharding(mesh, P("data"))
   rng = jax.random.fold_in(jax.random.key(seed), 4)  # stream 4: distillation

@@ -50,7 +50,10 @@ def _adam(cfg):
 
 
 def init_state(cfg, rng, batch: int, image_size: int, num_patches: int) -> InversionState:
-  pixels = jax.random.normal(rng, (batch, image_size, image_size, 3), jnp.float32)
+  # N(0, 1) in normalised space, clipped to the valid range now (not at the first step) so a
+  # patch frozen later keeps exactly the pixels it had when it was dropped.
+  pixels = jnp.clip(jax.random.normal(rng, (batch, image_size, image_size, 3), jnp.float32),
+                    data_lib.PIXEL_MIN, data_lib.PIXEL_MAX)
   keep_idx = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), (batch, num_patches))
   return InversionState(pixels=pixels, opt_state=_adam(cfg).init(pixels), keep_idx=keep_idx,
                         best_pixels=jnp.copy(pixels), best_ce=jnp.full((batch,), jnp.inf))
