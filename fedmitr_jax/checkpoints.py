@@ -11,6 +11,7 @@ save leaves the previous save readable; DONE is written after the result save ha
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -40,6 +41,9 @@ class StageStore:
     return (self._dir(stage) / "DONE").exists()
 
   def save_result(self, stage: str, tree, facts: dict | None = None) -> None:
+    stale = self._dir(stage) / "result"
+    if stale.exists() and jax.process_index() == 0:  # killed after the save, before DONE
+      shutil.rmtree(stale)
     with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:
       manager.save(0, args=ocp.args.StandardSave(tree), force=True)
       manager.wait_until_finished()

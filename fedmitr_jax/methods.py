@@ -70,6 +70,7 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
                                 token_weight=config.distill.eval_token_weight)
     results[method] = {"test_acc": acc, "test_acc_cls_token": acc_tok,
                        "synthesis_seconds": bank_facts["seconds"], "distill_seconds": facts["seconds"],
+                       "server_seconds": bank_facts["seconds"] + facts["seconds"],
                        "bank_images": bank_facts["images"],
                        "kept_fraction": bank_facts["mean_kept_fraction"]}
   return results, {kind: facts for kind, (_, facts) in banks.items()}, banks

@@ -114,3 +114,20 @@ def test_synthesize_sparse_and_dense_banks():
 def test_balanced_labels():
   labels = inversion.balanced_labels(3, 25, 10)
   assert np.bincount(labels, minlength=10).min() == 2 and np.bincount(labels).max() == 3
+
+
+def test_synthesis_sharded_over_8_devices_equals_one_device():
+  from fedmitr_jax import sharding
+  assert jax.device_count() == 8
+  model, stacked, w = _teachers()
+  cfg = _cfg(iterations=4, stops=(2,))
+  inverter = inversion.Inverter(model, cfg, 16)
+  labels = inversion.balanced_labels(0, 16, 10)
+  one, _ = inversion.synthesize_batch(inverter, stacked, w, labels, jax.random.key(0), sparse=True,
+                                      stage_name="one")
+  shard = sharding.batch_sharder(sharding.data_mesh(), 16, "inversion.batch_size")
+  many, _ = inversion.synthesize_batch(inverter, sharding.replicate(sharding.data_mesh(), stacked), w,
+                                       labels, jax.random.key(0), sparse=True, stage_name="eight",
+                                       shard=shard)
+  np.testing.assert_array_equal(one["masks"], many["masks"])
+  np.testing.assert_allclose(one["images"], many["images"], atol=1e-4)
