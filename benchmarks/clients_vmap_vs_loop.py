@@ -56,7 +56,10 @@ def main():
   for mode in ("vmap", "loop"):
     warm = clients.BatchPlan(index=plan.index[:, :1], mask=plan.mask[:, :1], steps=np.ones(len(parts), int))
     states = clients.stack_copies(clients.init_client_state(init, tx), len(parts))
-    runner = clients.train_clients_vmap if mode == "vmap" else clients.train_clients_loop
+    if mode == "loop":
+      runner = clients.train_clients_loop
+    else:
+      runner = clients.train_clients_vmap
     jax.block_until_ready(runner(step, states, dataset.train_images, dataset.train_labels, warm, rngs,
                                  log_every=10**9))  # compile
     states = clients.stack_copies(clients.init_client_state(init, tx), len(parts))

@@ -15,7 +15,10 @@ def get_config(arg: str = ""):
   c.partition.alpha = args.alpha
   c.partition.num_clients = args.clients
   c.model.variant = "Mu/4"
-  c.clients.epochs = 2.0
+  c.clients.epochs = 3.0
   c.clients.batch_size = 64
   c.clients.lr = 1e-3
+  # 4 x 64 synthetic images per bank at 100 iterations; stops at 10/20/30/40 (config_base).
+  c.inversion.num_batches = 4
+  c.inversion.batch_size = 64
   return c

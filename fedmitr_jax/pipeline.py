@@ -28,7 +28,8 @@ def run_partition(config, dataset, store: StageStore, workdir: pathlib.Path):
       classes_per_client=p.classes_per_client, seed=config.seed,
       min_client_examples=p.min_client_examples)
   counts = partition_lib.class_counts(dataset.train_labels, parts, dataset.num_classes)
-  partition_lib.save_partition_report(counts, dataset.class_names, workdir)
+  if jax.process_index() == 0:
+    partition_lib.save_partition_report(counts, dataset.class_names, workdir)
   offsets = np.cumsum([0] + [len(x) for x in parts])
   store.save_result("partition", {"indices": np.concatenate(parts), "offsets": offsets},
                     {"client_sizes": [len(x) for x in parts]})
@@ -115,14 +116,15 @@ def run(config, dataset, workdir) -> dict:
   data_free, bank_facts, banks = methods_lib.run_data_free(config, dataset, stacked_params, weights,
                                                            fedavg, store)
   methods.update(data_free)
-  for kind, (bank, _) in banks.items():
-    plots.save_bank_grid(bank, dataset.class_names, config.model.variant, workdir / f"synthetic_{kind}.png")
   methods = {name: methods[name] for name in config.methods if name in methods}
   results = {"methods": methods, "clients": client_rows, "synthesis": bank_facts,
              "client_training": store.load_facts("clients"),
              "config": config.to_dict()}
-  write_json_atomic(workdir / "results.json", results)
-  evaluate.write_results_markdown(results, workdir / "results.md")
+  if jax.process_index() == 0:  # one writer on multi-host runs
+    for kind, (bank, _) in banks.items():
+      plots.save_bank_grid(bank, dataset.class_names, config.model.variant, workdir / f"synthetic_{kind}.png")
+    write_json_atomic(workdir / "results.json", results)
+    evaluate.write_results_markdown(results, workdir / "results.md")
   for name, entry in methods.items():
     log(f"[evaluate] {name:>14s}: {100 * entry['test_acc']:.2f}%")
   log("[evaluate] clients: " + " ".join(f"{100 * c['test_acc']:.1f}%" for c in client_rows))

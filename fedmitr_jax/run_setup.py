@@ -11,7 +11,7 @@ import subprocess
 
 import jax
 
-from fedmitr_jax import checkpoints, data as data_lib, partition as partition_lib
+from fedmitr_jax import checkpoints, config_base, data as data_lib, partition as partition_lib
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 
@@ -38,6 +38,9 @@ def check_config(config) -> None:
   for field in ("ensemble_weighting", "fedavg_weighting"):
     if config.eval[field] not in ("uniform", "data_size"):
       raise InputError(f"eval.{field}: '{config.eval[field]}' is unknown; use 'uniform' or 'data_size'")
+  unknown = [m for m in config.methods if m not in config_base.ALL_METHODS]
+  if unknown:
+    raise InputError(f"methods: {unknown} unknown; choose from {list(config_base.ALL_METHODS)}")
   if config.clients.epochs <= 0 or config.clients.batch_size < 1:
     raise InputError("clients.epochs and clients.batch_size must be positive; fix the config")
 

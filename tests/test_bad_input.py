@@ -85,3 +85,10 @@ def test_cli_unknown_config_key_and_bad_value_exit_nonzero(tmp_path):
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("error: partition.alpha")
   assert not (tmp_path / "w").exists()
+
+
+def test_unknown_method_is_refused(tmp_path):
+  config = _config(tmp_path)
+  config.methods = ("fedavg", "fedmitr", "fedprox")
+  with pytest.raises(run_setup.InputError, match="methods: \\['fedprox'\\]"):
+    run_setup.prepare(config, tmp_path / "work")
