@@ -11,7 +11,7 @@ import subprocess
 
 import jax
 
-from fedmitr_jax import checkpoints, config_base, data as data_lib, partition as partition_lib
+from fedmitr_jax import checkpoints, config_base, data as data_lib, partition as partition_lib, sharding
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 
@@ -41,6 +41,15 @@ def check_config(config) -> None:
   unknown = [m for m in config.methods if m not in config_base.ALL_METHODS]
   if unknown:
     raise InputError(f"methods: {unknown} unknown; choose from {list(config_base.ALL_METHODS)}")
+  try:  # data-parallel stages split their batch over every device
+    sharding.check_divisible(config.inversion.batch_size, "inversion.batch_size")
+    sharding.check_divisible(config.distill.batch_size, "distill.batch_size")
+  except sharding.ShardingError as e:
+    raise InputError(str(e)) from None
+  bank = config.inversion.num_batches * config.inversion.batch_size
+  if bank < config.distill.batch_size:
+    raise InputError(f"distill.batch_size: {config.distill.batch_size} is larger than the synthetic "
+                     f"bank ({bank} images); lower it or raise inversion.num_batches")
   if config.clients.epochs <= 0 or config.clients.batch_size < 1:
     raise InputError("clients.epochs and clients.batch_size must be positive; fix the config")
 

@@ -45,6 +45,9 @@ def _config(tmp_path, **fields):
     ({"partition__method": "pathological"}, "partition.method"),
     ({"clients__mode": "threads"}, "clients.mode"),
     ({"dataset__kind": "hub"}, "dataset.kind"),
+    ({"distill__batch_size": 12}, "distill.batch_size"),  # 8 test devices
+    ({"inversion__batch_size": 20}, "inversion.batch_size"),
+    ({"inversion__num_batches": 1, "inversion__batch_size": 8, "distill__batch_size": 16}, "distill.batch_size"),
 ])
 def test_bad_config_is_one_clear_line_and_writes_nothing(tmp_path, fields, expected_field):
   workdir = tmp_path / "work"
