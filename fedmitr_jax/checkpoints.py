@@ -48,8 +48,8 @@ class StageStore:
       manager.save(0, args=ocp.args.StandardSave(tree), force=True)
       manager.wait_until_finished()
     if jax.process_index() == 0:
-      _write_json_atomic(self._dir(stage) / "result.json", facts or {})
-      _write_json_atomic(self._dir(stage) / "DONE", {"stage": stage})
+      write_json_atomic(self._dir(stage) / "result.json", facts or {})
+      write_json_atomic(self._dir(stage) / "DONE", {"stage": stage})
 
   def load_result(self, stage: str, abstract_tree):
     with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:
@@ -72,11 +72,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_tree):
   return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_tree))
 
 
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
+def write_json_atomic(path: pathlib.Path, obj) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2))
   os.replace(tmp, path)
 
-
-write_json_atomic = _write_json_atomic

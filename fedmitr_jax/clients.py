@@ -28,10 +28,14 @@ class ClientState:
   step: jnp.ndarray  # this client's own number of applied updates (drives its lr schedule)
 
 
+def decay_mask(params):
+  """Weight decay on kernels only: not on biases, LayerNorm scales or embeddings' 1-d parts."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """Direction of the update; the learning rate is applied in the step so each client can have
   its own schedule length while all clients share one vmapped computation."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # kernels only
   if cfg.optimizer == "adamw":
     core = [optax.scale_by_adam(b1=0.9, b2=0.999), optax.add_decayed_weights(cfg.weight_decay, decay_mask)]
   elif cfg.optimizer == "sgd":

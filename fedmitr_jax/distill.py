@@ -9,6 +9,8 @@ image-level soft label. beta = 0 gives plain KD on the CLS head (dense_kd / spar
 The student has an LV-ViT-style separate token head. The batch is split over a 'data' mesh axis
 and parameters are replicated; XLA inserts the gradient all-reduce.
 """
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedmitr_jax import patches, sharding
+from fedmitr_jax import checkpoints, clients, patches, sharding
 from fedmitr_jax.progress import Progress
 
 
@@ -30,9 +32,8 @@ class StudentState:
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   warmup = max(1, int(cfg.warmup_fraction * total_steps))
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1))
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+                     optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=clients.decay_mask))
 
 
 def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target):
@@ -99,12 +100,16 @@ def plan_steps(bank_size: int, batch_size: int, epochs: float) -> int:
   return max(1, int(epochs * (bank_size // batch_size)))
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(bank_size: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(bank_size)
+
+
 def batch_indices(bank_size: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Examples of `step`: epoch-wise seeded permutations, last partial batch dropped."""
-  per_epoch = bank_size // batch_size
-  epoch, within = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(bank_size)
-  return order[within * batch_size:(within + 1) * batch_size]
+  """Examples of `step`: epoch-wise seeded permutations (one per epoch, not per step), last
+  partial batch dropped. A function of the step alone, so a resumed run sees the same batches."""
+  epoch, within = divmod(step, bank_size // batch_size)
+  return _epoch_order(bank_size, seed, epoch)[within * batch_size:(within + 1) * batch_size]
 
 
 def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, mesh=None):
@@ -117,7 +122,6 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
   state = StudentState(params=init_params, opt_state=tx.init(init_params), step=jnp.zeros((), jnp.int32))
   start = 0
   if manager is not None:
-    from fedmitr_jax import checkpoints  # local: keeps this module importable without orbax
     start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(state))
     state = saved if saved is not None else state
   # Copies: the step donates its state, and the caller's initial parameters must stay valid.

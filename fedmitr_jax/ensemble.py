@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _per_teacher(model, stacked_params, images, keep_idx, need_attention, mode):
+def per_teacher(model, stacked_params, images, keep_idx, need_attention, mode):
   """Runs every teacher; returns (logits [K,B,C], out with leading K axis)."""
   apply = lambda p: model.apply({"params": p}, images, keep_idx=keep_idx, return_attention=need_attention)
   if mode == "vmap":
@@ -28,7 +28,7 @@ def ensemble_outputs(model, stacked_params, weights, images, *, keep_idx=None, m
     cls_attention [B, n]     CLS->patch attention of the last block, mean over heads and teachers
     token_probs   [B, n, C]  mean over teachers of softmax(head(token_i) / temperature)
   """
-  logits, out = _per_teacher(model, stacked_params, images, keep_idx, need_attention, mode)
+  logits, out = per_teacher(model, stacked_params, images, keep_idx, need_attention, mode)
   w = weights[:, None, None]
   result = {
       # log(sum_k w_k p_k) computed stably: logsumexp over teachers of log w_k + log p_k.

@@ -27,6 +27,11 @@ def keep_counts(num_patches: int, num_stops: int, drop_ratio: float) -> list[int
   return counts
 
 
+def active_stops(cfg, sparse: bool) -> list[int]:
+  """The stop iterations that fall inside the run (none for dense inversion)."""
+  return sorted(s for s in cfg.stops if 0 < s < cfg.iterations) if sparse else []
+
+
 def tv_l2(x):
   """DeepInversion's smoothness prior: L2 norms of neighbour differences (4 directions)."""
   d1 = x[:, :, :-1] - x[:, :, 1:]
@@ -109,7 +114,7 @@ def make_soft_labels(model, cfg):
 
   @jax.jit
   def soft_labels(pixels, teacher_params, weights):
-    logits, out = ensemble._per_teacher(model, teacher_params, pixels, None, False, cfg.teachers_mode)
+    logits, out = ensemble.per_teacher(model, teacher_params, pixels, None, False, cfg.teachers_mode)
     token_probs = jnp.sum(weights[:, None, None, None] * jax.nn.softmax(out["token_logits"], -1), 0)
     return jnp.swapaxes(logits, 0, 1), token_probs  # [B, K, C], [B, N, C]
 
@@ -139,7 +144,7 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
   teacher_logits [B, K, C], token_probs [B, N, C], plus the seconds spent and tokens per stage."""
   model, cfg, image_size = inverter.model, inverter.cfg, inverter.image_size
   num_patches = (image_size // model.patch_size) ** 2
-  stops = sorted(s for s in cfg.stops if 0 < s < cfg.iterations) if sparse else []
+  stops = active_stops(cfg, sparse)
   counts = keep_counts(num_patches, len(stops), cfg.drop_ratio)
   state = jax.tree.map(shard, init_state(cfg, rng, len(labels), image_size, num_patches))
   labels = shard(jnp.asarray(labels))
@@ -160,7 +165,7 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
   keep_idx = state.keep_idx
   if not sparse and cfg.dense_mask == "attention":
     # Dense inversion has no stops; for token relabel, rank its final image the same way.
-    for n_keep in keep_counts(num_patches, len(cfg.stops), cfg.drop_ratio)[1:]:
+    for n_keep in keep_counts(num_patches, len(active_stops(cfg, True)), cfg.drop_ratio)[1:]:
       keep_idx = prune(final, keep_idx, teacher_params, weights, n_keep)
   teacher_logits, token_probs = inverter.soft_labels(final, teacher_params, weights)
   jax.block_until_ready(token_probs)
@@ -169,18 +174,4 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
       "masks": np.asarray(patches.index_to_mask(keep_idx, num_patches)),
       "teacher_logits": np.asarray(teacher_logits), "token_probs": np.asarray(token_probs),
   }, {"seconds": progress.elapsed(), "tokens_per_stage": counts}
-
-
-def stage_token_schedule(cfg, num_patches: int, sparse: bool):
-  """(iterations, tokens) per stage: what the sparse speed-up comes from."""
-  stops = sorted(s for s in cfg.stops if 0 < s < cfg.iterations) if sparse else []
-  bounds = [0] + stops + [cfg.iterations]
-  counts = keep_counts(num_patches, len(stops), cfg.drop_ratio)
-  return [(b - a, n) for a, b, n in zip(bounds[:-1], bounds[1:], counts)]
-
-
-def expected_flop_fraction(cfg, num_patches: int) -> float:
-  """Token-iterations of sparse over dense: a lower bound on the time ratio's inverse."""
-  sparse = sum(i * n for i, n in stage_token_schedule(cfg, num_patches, True))
-  return sparse / (cfg.iterations * num_patches)
 

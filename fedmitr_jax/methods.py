@@ -9,9 +9,8 @@ Methods that share a synthesis share its bank (built once, checkpointed as its o
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fedmitr_jax import distill, evaluate, synthetic_bank
+from fedmitr_jax import checkpoints, distill, evaluate, inversion, synthetic_bank
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 
@@ -23,12 +22,12 @@ DATA_FREE = {  # name -> (bank, uses token relabel)
 }
 
 
-def student_init(config, student, fedavg_params, num_classes):
-  params = vit.init_params(student, jax.random.fold_in(jax.random.key(config.seed), 5),
-                           config.dataset.image_size)
+def student_init(config, student, fedavg_params):
   if config.distill.init == "clients_fedavg":  # start from FedAvg, as DENSE does
-    params = dict(fedavg_params)
-    params["token_head"] = fedavg_params["head"]
+    params = dict(fedavg_params, token_head=fedavg_params["head"])
+  else:
+    params = vit.init_params(student, jax.random.fold_in(jax.random.key(config.seed), 5),
+                             config.dataset.image_size)
   # Fresh buffers: the distillation step donates its state, and FedAvg's are used again later.
   return jax.tree.map(jnp.copy, params)
 
@@ -40,12 +39,12 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
   teacher = vit.build_vit(config.model.variant, num_classes, image_size=image_size)
   student = vit.build_vit(config.model.variant, num_classes, image_size=image_size,
                           separate_token_head=True)
+  inverter = inversion.Inverter(teacher, config.inversion, image_size)
   banks = {}
   for kind in sorted({DATA_FREE[m][0] for m in wanted}):
     banks[kind] = synthetic_bank.build_bank(
-        f"synthesis_{kind}", teacher, config.inversion, teacher_params, weights,
-        num_classes=num_classes, image_size=image_size, seed=config.seed,
-        sparse=kind == "sparse", store=store)
+        f"synthesis_{kind}", inverter, teacher_params, weights, num_classes=num_classes,
+        seed=config.seed, sparse=kind == "sparse", store=store)
   results = {}
   for method in wanted:
     kind, relabel = DATA_FREE[method]
@@ -54,9 +53,8 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
     with cfg.unlocked():
       cfg.beta = config.distill.beta if relabel else 0.0
     stage = f"distill_{method}"
-    init = student_init(config, student, fedavg_params, num_classes)
+    init = student_init(config, student, fedavg_params)
     if store.is_done(stage):
-      from fedmitr_jax import checkpoints
       params, facts = store.load_result(stage, checkpoints.abstract_like(init)), store.load_facts(stage)
       log(f"[{stage}] loaded from checkpoint")
     else:
@@ -75,7 +73,3 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
                        "kept_fraction": bank_facts["mean_kept_fraction"]}
   return results, {kind: facts for kind, (_, facts) in banks.items()}, banks
 
-
-def bank_summary(banks) -> dict:
-  return {kind: {"images": int(len(b["labels"])), "kept_fraction": float(np.mean(b["masks"]))}
-          for kind, (b, _) in banks.items()}

@@ -7,7 +7,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedmitr_jax import checkpoints, clients, evaluate, methods as methods_lib, partition as partition_lib, plots
@@ -84,19 +83,16 @@ def run_clients(config, dataset, parts, store: StageStore):
   return states.params
 
 
-def run_baseline_eval(config, dataset, parts, stacked_params):
+def run_baseline_eval(config, dataset, sizes, stacked_params, ensemble_weights, fedavg):
   """fedavg, ensemble and every client on the test set."""
   model = client_model(config, dataset)
-  sizes = [len(p) for p in parts]
   e = config.eval
   started = time.perf_counter()
   client_acc, ensemble_acc = evaluate.client_and_ensemble_accuracy(
-      model, stacked_params, dataset.test_images, dataset.test_labels, e.batch_size,
-      evaluate.client_weights(sizes, e.ensemble_weighting))
-  avg = evaluate.fedavg_params(stacked_params, evaluate.client_weights(sizes, e.fedavg_weighting))
+      model, stacked_params, dataset.test_images, dataset.test_labels, e.batch_size, ensemble_weights)
   ensemble_seconds = time.perf_counter() - started
   started = time.perf_counter()
-  fedavg_acc = evaluate.accuracy(model, avg, dataset.test_images, dataset.test_labels, e.batch_size)
+  fedavg_acc = evaluate.accuracy(model, fedavg, dataset.test_images, dataset.test_labels, e.batch_size)
   # Server-side wall time of each method (client training is shared by all and reported apart).
   methods = {"fedavg": {"test_acc": fedavg_acc, "server_seconds": time.perf_counter() - started},
              "ensemble": {"test_acc": ensemble_acc, "server_seconds": ensemble_seconds}}
@@ -109,10 +105,10 @@ def run(config, dataset, workdir) -> dict:
   store = StageStore(workdir)
   parts = run_partition(config, dataset, store, workdir)
   stacked_params = run_clients(config, dataset, parts, store)
-  methods, client_rows = run_baseline_eval(config, dataset, parts, stacked_params)
   sizes = [len(p) for p in parts]
   weights = evaluate.client_weights(sizes, config.eval.ensemble_weighting)
   fedavg = evaluate.fedavg_params(stacked_params, evaluate.client_weights(sizes, config.eval.fedavg_weighting))
+  methods, client_rows = run_baseline_eval(config, dataset, sizes, stacked_params, weights, fedavg)
   data_free, bank_facts, banks = methods_lib.run_data_free(config, dataset, stacked_params, weights,
                                                            fedavg, store)
   methods.update(data_free)

@@ -38,6 +38,12 @@ def check_config(config) -> None:
   for field in ("ensemble_weighting", "fedavg_weighting"):
     if config.eval[field] not in ("uniform", "data_size"):
       raise InputError(f"eval.{field}: '{config.eval[field]}' is unknown; use 'uniform' or 'data_size'")
+  choices = {"distill.init": ("clients_fedavg", "random"), "distill.relabel_target": ("token", "image"),
+             "inversion.teachers_mode": ("loop", "vmap"), "inversion.dense_mask": ("attention", "all")}
+  for field, allowed in choices.items():
+    section, name = field.split(".")
+    if config[section][name] not in allowed:
+      raise InputError(f"{field}: '{config[section][name]}' is unknown; use one of {list(allowed)}")
   unknown = [m for m in config.methods if m not in config_base.ALL_METHODS]
   if unknown:
     raise InputError(f"methods: {unknown} unknown; choose from {list(config_base.ALL_METHODS)}")

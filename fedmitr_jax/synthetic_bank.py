@@ -4,7 +4,6 @@ The bank is saved after every finished batch, so a killed synthesis resumes at t
 Each batch has its own seeded targets and initial pixels (fold_in of the batch number), so a
 resumed bank equals an uninterrupted one.
 """
-import time
 
 import jax
 import numpy as np
@@ -29,9 +28,11 @@ def _empty_bank(cfg, model, num_classes, num_teachers, image_size):
   }
 
 
-def build_bank(name: str, model, cfg, teacher_params, weights, *, num_classes, image_size, seed,
-               sparse: bool, store):
-  """Returns (bank dict of numpy arrays, facts). `name` is the stage name ('synthesis_sparse')."""
+def build_bank(name: str, inverter: inversion.Inverter, teacher_params, weights, *, num_classes,
+               seed, sparse: bool, store):
+  """Returns (bank dict of numpy arrays, facts). `name` is the stage name ('synthesis_sparse').
+  One `inverter` serves both banks, so the dense-shaped steps they share compile once."""
+  model, cfg, image_size = inverter.model, inverter.cfg, inverter.image_size
   num_teachers = len(weights)
   template = _empty_bank(cfg, model, num_classes, num_teachers, image_size)
   if store.is_done(name):
@@ -42,7 +43,6 @@ def build_bank(name: str, model, cfg, teacher_params, weights, *, num_classes, i
   replicated = NamedSharding(mesh, P())
   teacher_params = jax.device_put(teacher_params, replicated)
   weights = jax.device_put(np.asarray(weights, np.float32), replicated)
-  inverter = inversion.Inverter(model, cfg, image_size)
   base_rng = jax.random.fold_in(jax.random.key(seed), 3)  # stream 3: synthesis
   with store.progress_manager(name, max_to_keep=1) as manager:
     _, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(template))
@@ -66,8 +66,7 @@ def build_bank(name: str, model, cfg, teacher_params, weights, *, num_classes, i
     manager.wait_until_finished()
   facts = {"seconds": float(sum(seconds)), "seconds_per_batch": seconds,
            "tokens_per_stage": inversion.keep_counts(template["masks"].shape[1],
-                                                     len([s for s in cfg.stops if 0 < s < cfg.iterations]) if sparse else 0,
-                                                     cfg.drop_ratio),
+                                                     len(inversion.active_stops(cfg, sparse)), cfg.drop_ratio),
            "iterations": cfg.iterations, "images": int(len(bank["labels"])),
            "mean_kept_fraction": float(bank["masks"].mean())}
   store.save_result(name, bank, facts)

@@ -46,6 +46,8 @@ def _config(tmp_path, **fields):
     ({"clients__mode": "threads"}, "clients.mode"),
     ({"dataset__kind": "hub"}, "dataset.kind"),
     ({"distill__batch_size": 12}, "distill.batch_size"),  # 8 test devices
+    ({"distill__init": "imagenet"}, "distill.init"),
+    ({"distill__relabel_target": "patch"}, "distill.relabel_target"),
     ({"inversion__batch_size": 20}, "inversion.batch_size"),
     ({"inversion__num_batches": 1, "inversion__batch_size": 8, "distill__batch_size": 16}, "distill.batch_size"),
 ])

@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from fedmitr_jax import clients, config_base
 from fedmitr_jax.models import vit

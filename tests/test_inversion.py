@@ -1,8 +1,6 @@
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from fedmitr_jax import config_base, ensemble, inversion, patches
 from fedmitr_jax.models import vit
