@@ -11,6 +11,7 @@ from fedmitr_jax import config_base
 def get_config(arg: str = ""):
   args = config_base.parse_arg(arg, clients=3)
   c = config_base.base_config()
+  c.methods = config_base.ALL_METHODS
   c.dataset.max_train_examples = 600
   c.dataset.max_test_examples = 200
   c.partition.num_clients = args.clients
@@ -29,5 +30,7 @@ def get_config(arg: str = ""):
   c.distill.batch_size = 16
   c.distill.checkpoint_every_steps = 2
   c.distill.log_every = 2
+  c.generator_kd.g_steps = 3
+  c.generator_kd.ngf = 8
   c.eval.batch_size = 100
   return c

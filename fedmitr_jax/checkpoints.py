@@ -8,6 +8,7 @@ Layout under the workdir:
 Orbax writes each step to a temporary folder and renames it when complete, so a kill during a
 save leaves the previous save readable; DONE is written after the result save has finished.
 """
+import errno
 import json
 import os
 import pathlib
@@ -78,3 +79,23 @@ def write_json_atomic(path: pathlib.Path, obj) -> None:
   tmp.write_text(json.dumps(obj, indent=2))
   os.replace(tmp, path)
 
+
+
+# How a full disk (or a file-size limit / quota) shows up: OSError from Python writes, or a
+# ValueError from TensorStore (Orbax's array writer) carrying the OS error code in its text.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_TEXT = tuple(f"os_error_code='{n}'" for n in _DISK_FULL_ERRNOS) + (
+    "No space left on device", "File too large", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """True if `error`, or any exception it was raised from, is a failed write for lack of space."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(text in str(error) for text in _DISK_FULL_TEXT):
+      return True
+    error = error.__cause__ or error.__context__
+  return False

@@ -120,8 +120,9 @@ def client_rngs(seed: int, num_clients: int):
 
 # ---- runners ---------------------------------------------------------------------------------
 def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *, start_step=0,
-                       on_step=None, log_every=50, stage="clients"):
-  """All clients at once. `on_step(t, states)` is called after each step (checkpoints)."""
+                       on_step=None, log_every=50, stage="clients", guard=None):
+  """All clients at once. `on_step(t, states)` is called after each step (checkpoints); `guard`
+  (a guards.FiniteGuard) sees every step's losses, so `on_step` can check it before saving."""
   num_clients, total, batch = plan.index.shape
   vstep = jax.jit(jax.vmap(step_fn), donate_argnums=0)
   totals = jnp.asarray(plan.steps, jnp.int32)
@@ -131,6 +132,8 @@ def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *
     step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, t)
     states, metrics = vstep(states, images[idx], labels[idx].astype(np.int32),
                             plan.mask[:, t], totals, step_rngs)
+    if guard is not None:
+      guard.update(t + 1, metrics["loss"])
     if on_step is not None:
       on_step(t + 1, states)
     if (t + 1) % log_every == 0 or t + 1 == total:
@@ -141,7 +144,7 @@ def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *
 
 
 def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *, log_every=50,
-                       stage="clients"):
+                       stage="clients", guard=None):
   """Reference: one client after another, each only for its own steps."""
   jstep = jax.jit(step_fn)
   totals = jnp.asarray(plan.steps, jnp.int32)
@@ -153,8 +156,12 @@ def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *
       idx = plan.index[k, t]
       state, metrics = jstep(state, images[idx], labels[idx].astype(np.int32), plan.mask[k, t],
                              totals[k], jax.random.fold_in(rngs[k], t))
+      if guard is not None:
+        guard.update(t + 1, metrics["loss"])
       if (t + 1) % log_every == 0 or t + 1 == plan.steps[k]:
         progress.report(t + 1, loss=metrics["loss"])
+    if guard is not None:
+      guard.check()
     finished.append(state)
   return jax.tree.map(lambda *xs: jnp.stack(xs), *finished)
 

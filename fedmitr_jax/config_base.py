@@ -5,13 +5,16 @@ Every field a stage reads lives here, so `--config.x=y` on a field that does not
 """
 import ml_collections
 
-ALL_METHODS = ("fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr")
+# The methods of SPEC.md's table (the default), then the paper's generator-based competitors.
+CORE_METHODS = ("fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr")
+GENERATOR_METHODS = ("dense", "coboosting")
+ALL_METHODS = CORE_METHODS + GENERATOR_METHODS
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.methods = ALL_METHODS
+  c.methods = CORE_METHODS
 
   # ---- data -------------------------------------------------------------------------------
   c.dataset = ml_collections.ConfigDict()
@@ -41,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- model ------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.variant = "Mi/4"             # '<size>/<patch>': test, Mu, Mi, Ti, S, B
-  c.model.pretrained_path = ""         # clients start from this file (issue 4); '' = same random init
+  c.model.pretrained_path = ""         # clients start from this file (.npz / .safetensors); '' = random
+  # Input normalisation the weights file was trained with, folded into the patch embedding:
+  # 'minus_one_one' (vit_jax, big_vision, timm ViT ports) | 'imagenet' (DeiT's mean/std).
+  c.model.pretrained_input_norm = "minus_one_one"
 
   # ---- client (local) training ------------------------------------------------------------
   c.clients = ml_collections.ConfigDict()
@@ -97,6 +103,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.checkpoint_every_steps = 100
   c.distill.log_every = 25
 
+  # ---- generator baselines: DENSE and Co-Boosting (generator_kd.py) ---------------------
+  # Pool size and student steps follow the bank (inversion.num_batches x batch_size) and
+  # distill (epochs, batch_size, optimiser), so every data-free method has the same budget.
+  c.generator_kd = ml_collections.ConfigDict()
+  c.generator_kd.g_steps = 30          # generator steps per round (DENSE / Co-Boosting scripts)
+  c.generator_kd.lr_g = 1e-3           # Adam(0.5, 0.999) on generator parameters and z
+  c.generator_kd.z_dim = 256
+  c.generator_kd.ngf = 64
+  c.generator_kd.g_grad_clip = 10.0    # Co-Boosting clips the generator's gradient norm at 10
+  c.generator_kd.oh = 1.0              # weight of the CE-to-target term
+  c.generator_kd.adv = 1.0             # weight of the adversarial (student vs ensemble) term
+  c.generator_kd.crop_padding = 4      # RandomCrop(pad 4) + flip before the ensemble (both repos)
+  c.generator_kd.dense_tau = 20.0      # DENSE's KD temperature
+  c.generator_kd.coboost_tau = 4.0     # Co-Boosting's KD temperature
+  c.generator_kd.coboost_adv_tau = 3.0  # Co-Boosting's temperature of the adversarial KL
+  c.generator_kd.hard_sample_power = 1.0  # (1 - p(y|x))^hs weights the CE of hard samples
+  c.generator_kd.reweight_lr = 0.01    # ensemble re-weighting: signed step mu * decay^round
+  c.generator_kd.reweight_decay = 0.99
+  c.generator_kd.ods_eps = 8 / 255     # on-the-fly diversification step in [-1, 1] pixel space
+
   # ---- evaluation -------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 500
@@ -116,5 +142,8 @@ def parse_arg(arg: str, **defaults):
       parsed[key] = True
     else:
       kind = type(parsed[key])
-      parsed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+      try:
+        parsed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+      except ValueError:
+        raise ValueError(f"config arg '{key}': '{value}' is not a {kind.__name__}") from None
   return parsed

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedmitr_jax import checkpoints, clients, patches, sharding
+from fedmitr_jax import checkpoints, clients, guards, patches, sharding
 from fedmitr_jax.progress import Progress
 
 
@@ -131,14 +131,19 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
   rng = jax.random.fold_in(jax.random.key(seed), 4)  # stream 4: distillation
   keys = ("images", "labels", "masks", "teacher_logits", "token_probs")
   progress = Progress(stage, total, cfg.batch_size, start_step=start)
+  guard = guards.FiniteGuard(stage, "distill.lr")
+  last_save = lambda: manager.latest_step() if manager is not None else None
   for t in range(start, total):
     idx = batch_indices(bank_size, cfg.batch_size, t, seed)
     batch = jax.device_put({k: bank[k][idx] for k in keys}, split)
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, t))
+    guard.update(t + 1, metrics["loss"])
     if manager is not None and (t + 1) % cfg.checkpoint_every_steps == 0:
+      guard.check(last_save())  # never save a state that came from a NaN
       manager.save(t + 1, args=checkpoints.ocp.args.StandardSave(state))
     if (t + 1) % cfg.log_every == 0 or t + 1 == total:
       progress.report(t + 1, **jax.device_get(metrics))
+  guard.check(last_save())
   if manager is not None:
     manager.wait_until_finished()
   return state.params, {"seconds": progress.elapsed(), "steps": total}

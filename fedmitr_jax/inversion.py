@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmitr_jax import data as data_lib, ensemble, patches
+from fedmitr_jax import data as data_lib, ensemble, guards, patches
 from fedmitr_jax.progress import Progress
 
 
@@ -150,6 +150,7 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
   labels = shard(jnp.asarray(labels))
   step, prune = inverter.step, inverter.prune
   progress = Progress(stage_name, cfg.iterations, len(labels))
+  guard = guards.FiniteGuard(stage_name, "inversion.lr")
   bounds = [0] + stops + [cfg.iterations]
   for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
     if stage > 0:  # a stop: rank with the current pixels, keep the top, restart the best iterate
@@ -158,8 +159,10 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
                             best_ce=jnp.full_like(state.best_ce, jnp.inf))
     for it in range(start, stop):
       state, metrics = step(state, labels, teacher_params, weights, jax.random.fold_in(rng, it))
+      guard.update(it + 1, metrics["loss"])
       if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
         progress.report(it + 1, loss=metrics["loss"], ce=metrics["ce"], tokens=counts[stage])
+  guard.check()  # the bank is saved per batch: a NaN batch never joins it
   # The best iterate of the last stage (dropped patches are identical across its iterates).
   final = state.best_pixels
   keep_idx = state.keep_idx

@@ -16,22 +16,41 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, results and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def distributed_args(env) -> dict:
+  """Arguments for jax.distributed.initialize(). TPU pods, SLURM and Open MPI are detected by JAX
+  itself; a plain multi-process launch (launch/gpu.sh, the loopback test) names the coordinator
+  (JAX_COORDINATOR_ADDRESS, read by JAX) and the process count and id here."""
+  if "FEDMITR_NUM_PROCESSES" not in env:
+    return {}
+  return {"num_processes": int(env["FEDMITR_NUM_PROCESSES"]), "process_id": int(env["FEDMITR_PROCESS_ID"])}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are ours
   if os.environ.get("FEDMITR_DISTRIBUTED") == "1":  # TPU pods / multi-process: before any JAX call
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(**distributed_args(os.environ))
   import jax  # noqa: E402  (imported after distributed init on purpose)
 
-  from fedmitr_jax import run_setup, pipeline
+  from fedmitr_jax import checkpoints, guards, pipeline, run_setup
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     dataset = run_setup.prepare(config, workdir)  # validates everything before a stage starts
+    pipeline.run(config, dataset, workdir)
   except run_setup.InputError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  pipeline.run(config, dataset, workdir)
+  except guards.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(3)
+  except Exception as e:  # noqa: BLE001 (only a full disk is turned into a one-line error)
+    if not checkpoints.is_disk_full(e):
+      raise
+    print(f"error: workdir: disk full while saving under {workdir} ({type(e).__name__}); free space "
+          "and rerun the same command: finished stages and the last complete save are kept",
+          file=sys.stderr, flush=True)
+    sys.exit(4)
 
 
 if __name__ == "__main__":

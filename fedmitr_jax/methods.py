@@ -5,12 +5,15 @@
   sparse_kd      sparse      KL on the CLS head (beta = 0)
   dense_relabel  dense       full token-relabel loss
   fedmitr        sparse      full token-relabel loss
-Methods that share a synthesis share its bank (built once, checkpointed as its own stage).
+  dense          generator   DENSE: adversarial generator rounds interleaved with KD
+  coboosting     generator   Co-Boosting: hard-sample generator, ensemble re-weighting, ODS KD
+Methods that share a synthesis share its bank (built once, checkpointed as its own stage); the
+generator methods synthesise inside their own stage (generator_kd.py).
 """
 import jax
 import jax.numpy as jnp
 
-from fedmitr_jax import checkpoints, distill, evaluate, inversion, synthetic_bank
+from fedmitr_jax import checkpoints, distill, evaluate, generator_kd, inversion, synthetic_bank
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 
@@ -46,6 +49,21 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
         f"synthesis_{kind}", inverter, teacher_params, weights, num_classes=num_classes,
         seed=config.seed, sparse=kind == "sparse", store=store)
   results = {}
+  for method in [m for m in config.methods if m in generator_kd.METHODS]:
+    stage = f"distill_{method}"
+    init = student_init(config, student, fedavg_params)
+    if store.is_done(stage):
+      params, facts = store.load_result(stage, checkpoints.abstract_like(init)), store.load_facts(stage)
+      log(f"[{stage}] loaded from checkpoint")
+    else:
+      with store.progress_manager(stage, max_to_keep=1) as manager:
+        params, facts = generator_kd.train(method, config, teacher, student, teacher_params,
+                                           jnp.asarray(weights, jnp.float32), init, stage=stage,
+                                           manager=manager)
+      store.save_result(stage, params, facts)
+    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, config.eval.batch_size)
+    results[method] = {"test_acc": acc, "server_seconds": facts["seconds"], "rounds": facts["rounds"],
+                       "kd_steps": facts["kd_steps"]}
   for method in wanted:
     kind, relabel = DATA_FREE[method]
     bank, bank_facts = banks[kind]

@@ -9,7 +9,8 @@ import time
 import jax
 import numpy as np
 
-from fedmitr_jax import checkpoints, clients, evaluate, methods as methods_lib, partition as partition_lib, plots
+from fedmitr_jax import (checkpoints, clients, evaluate, methods as methods_lib, partition as partition_lib,
+                         guards, plots, pretrained)
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
@@ -45,6 +46,9 @@ def run_clients(config, dataset, parts, store: StageStore):
   model = client_model(config, dataset)
   cfg = config.clients
   init = vit.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 1), config.dataset.image_size)
+  if config.model.pretrained_path:  # every client starts from the same pretrained weights
+    init = pretrained.load_pretrained(config.model.pretrained_path, init, variant=config.model.variant,
+                                      input_norm=config.model.pretrained_input_norm)
   tx = clients.make_optimizer(cfg)
   states = clients.stack_copies(clients.init_client_state(init, tx), len(parts))
   if store.is_done("clients"):
@@ -56,6 +60,7 @@ def run_clients(config, dataset, parts, store: StageStore):
   rngs = clients.client_rngs(config.seed, len(parts))
   log(f"[clients] {len(parts)} clients, {cfg.mode} mode, steps per client {plan.steps.tolist()}")
   started = time.perf_counter()
+  guard = guards.FiniteGuard("clients", "clients.lr")
   if cfg.mode == "vmap":
     with store.progress_manager("clients") as manager:
       start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(states))
@@ -65,15 +70,17 @@ def run_clients(config, dataset, parts, store: StageStore):
 
       def save_every(t, s):
         if t % cfg.checkpoint_every_steps == 0:
+          guard.check(manager.latest_step())  # never save a state that came from a NaN
           manager.save(t, args=checkpoints.ocp.args.StandardSave(s))
 
       states = clients.train_clients_vmap(step_fn, states, dataset.train_images, dataset.train_labels,
                                           plan, rngs, start_step=start, on_step=save_every,
-                                          log_every=cfg.log_every_steps)
+                                          log_every=cfg.log_every_steps, guard=guard)
+      guard.check(manager.latest_step())
       manager.wait_until_finished()
   elif cfg.mode == "loop":  # the reference path restarts from scratch if killed
     states = clients.train_clients_loop(step_fn, states, dataset.train_images, dataset.train_labels,
-                                        plan, rngs, log_every=cfg.log_every_steps)
+                                        plan, rngs, log_every=cfg.log_every_steps, guard=guard)
   else:
     raise ValueError(f"clients.mode: '{cfg.mode}' is unknown; use 'vmap' or 'loop'")
   seconds = time.perf_counter() - started

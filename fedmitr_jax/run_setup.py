@@ -11,7 +11,8 @@ import subprocess
 
 import jax
 
-from fedmitr_jax import checkpoints, config_base, data as data_lib, partition as partition_lib, sharding
+from fedmitr_jax import (checkpoints, config_base, data as data_lib, partition as partition_lib, pretrained,
+                         sharding)
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 
@@ -66,15 +67,16 @@ def prepare(config, workdir):
   try:
     dataset = data_lib.load_dataset(config.dataset, seed=config.seed)
     partition_lib.check_partition_config(config.partition, len(dataset.train_labels), dataset.num_classes)
+    if config.model.pretrained_path:  # a wrong file fails here, not after the partition stage
+      check_pretrained(config, dataset.num_classes)
   except ValueError as e:
     raise InputError(str(e)) from None
   workdir = pathlib.Path(workdir)
   resolved = config.to_dict()
   saved_config = workdir / "config.json"
   if saved_config.exists():
-    previous = json.loads(saved_config.read_text())
-    if previous != json.loads(json.dumps(resolved)):
-      changed = sorted(_diff_keys(previous, json.loads(json.dumps(resolved))))
+    changed = changed_fields(json.loads(saved_config.read_text()), json.loads(json.dumps(resolved)))
+    if changed:
       raise InputError(f"workdir: {workdir} holds a run with a different config (fields {changed}); "
                        "use a new --workdir, or delete this one to start over")
   if jax.process_index() == 0:
@@ -87,9 +89,31 @@ def prepare(config, workdir):
   return dataset
 
 
-def _diff_keys(a, b, prefix=""):
-  for key in set(a) | set(b):
-    x, y = a.get(key), b.get(key)
+def check_pretrained(config, num_classes: int) -> None:
+  """Maps the weights file onto the client model; shapes come from eval_shape (no init compute)."""
+  model = vit.build_vit(config.model.variant, num_classes, image_size=config.dataset.image_size)
+  shapes = jax.eval_shape(lambda: vit.init_params(model, jax.random.key(0), config.dataset.image_size))
+  pretrained.load_pretrained(config.model.pretrained_path, shapes, variant=config.model.variant,
+                               input_norm=config.model.pretrained_input_norm)
+
+
+# Fields that may change on an existing workdir: `methods` only picks which method stages run
+# (each is its own stage), so adding a method to a finished run runs just the new one.
+MAY_CHANGE = ("methods",)
+
+
+def changed_fields(saved: dict, current: dict) -> list:
+  """Fields whose value differs from the run saved in the workdir.
+
+  A field the saved run does not have was added to the code after it; its default is required to
+  keep the old behaviour, so it is not a change (a sweep can then be extended with new methods).
+  """
+  return sorted(k for k in _diff_keys(saved, current) if k.split(".")[0] not in MAY_CHANGE)
+
+
+def _diff_keys(saved, current, prefix=""):
+  for key in saved:
+    x, y = saved[key], current.get(key)
     if isinstance(x, dict) and isinstance(y, dict):
       yield from _diff_keys(x, y, f"{prefix}{key}.")
     elif x != y:

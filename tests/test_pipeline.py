@@ -8,7 +8,8 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ALL_METHODS = {"fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr"}
+ALL_METHODS = {"fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr", "dense",
+               "coboosting"}
 
 
 def run_main(workdir, *overrides, devices=1):
@@ -50,7 +51,8 @@ def test_rerun_reuses_every_finished_stage(smoke_run):
   before = json.loads((workdir / "results.json").read_text())
   second = run_main(workdir)
   assert second.returncode == 0, second.stderr[-3000:]
-  for stage in ("partition", "clients", "synthesis_dense", "synthesis_sparse", "distill_fedmitr"):
+  for stage in ("partition", "clients", "synthesis_dense", "synthesis_sparse", "distill_fedmitr",
+                "distill_dense", "distill_coboosting"):
     assert f"[{stage}] loaded from checkpoint" in second.stdout
   assert "[clients] step" not in second.stdout and "[synthesis_sparse 1/2] step" not in second.stdout
   after = json.loads((workdir / "results.json").read_text())
@@ -65,7 +67,7 @@ def test_unfinished_client_stage_resumes_from_its_last_save(smoke_run, tmp_path)
   copy = tmp_path / "copy"
   subprocess.run(["cp", "-r", str(workdir), str(copy)], check=True)
   for stage in ("clients", "synthesis_dense", "synthesis_sparse", "distill_dense_kd", "distill_sparse_kd",
-                "distill_dense_relabel", "distill_fedmitr"):
+                "distill_dense_relabel", "distill_fedmitr", "distill_dense", "distill_coboosting"):
     (copy / "stages" / stage / "DONE").unlink()
   subprocess.run(["rm", "-rf", str(copy / "stages" / "clients" / "result")], check=True)
   third = run_main(copy)

@@ -1,0 +1,114 @@
+r"""Runs one experiment over several Dirichlet alphas and seeds, then tables and plots it.
+
+  python -m fedmitr_jax.sweep --config configs/cifar10_cpu_full.py --workdir /tmp/sweep \
+      --alphas 0.1,0.3,0.5 --seeds 0,1 [--config.x=y ...]
+
+Each (alpha, seed) is an ordinary run in `<workdir>/alpha<a>_seed<s>` (resumable stage by stage,
+exactly as `fedmitr_jax.main`); runs whose `results.json` already holds every method are reused.
+Writes `<workdir>/sweep.{md,csv,json}` and `<workdir>/sweep.png`, also after each finished run,
+so a partial sweep already has a table. `--report_only` rebuilds them from the finished runs.
+"""
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs and the tables.")
+_ALPHAS = flags.DEFINE_list("alphas", ["0.1", "0.3", "0.5"], "Dirichlet concentrations.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (partition, init, synthesis, distillation).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the table from finished runs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_dir(workdir, alpha, seed) -> pathlib.Path:
+  return pathlib.Path(workdir) / f"alpha{alpha:g}_seed{seed}"
+
+
+def run_config(config, alpha, seed):
+  config = config.copy_and_resolve_references()
+  config.partition.alpha, config.seed = alpha, seed
+  return config
+
+
+def finished_results(config, directory: pathlib.Path):
+  """The run's results if it finished with this config and every method, else None."""
+  from fedmitr_jax import run_setup
+  path = directory / "results.json"
+  if not path.exists():
+    return None
+  results = json.loads(path.read_text())
+  current = json.loads(json.dumps(config.to_dict()))
+  if run_setup.changed_fields(results["config"], current) or set(config.methods) - set(results["methods"]):
+    return None
+  return results
+
+
+def write_report(config, workdir, runs) -> None:
+  from fedmitr_jax import sweep_report
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  table = sweep_report.aggregate(runs, list(config.methods))
+  seeds = sorted({s for _, s in runs})
+  note = f"seeds {', '.join(map(str, seeds))}; {len(runs)} runs"
+  sweep_report.write_markdown(table, workdir / "sweep.md", note)
+  sweep_report.write_csv(table, workdir / "sweep.csv")
+  sweep_report.write_json(table, workdir / "sweep.json")
+  sweep_report.save_plot(table, workdir / "sweep.png",
+                         f"{config.model.variant}, {config.partition.num_clients} clients, {note}")
+
+
+def parse_list(values, kind, name):
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    print(f"error: --{name}: '{','.join(values)}' is not a comma-separated list of numbers", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax
+
+  from fedmitr_jax import guards, pipeline, run_setup
+  from fedmitr_jax.progress import log
+  base, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  alphas = parse_list(_ALPHAS.value, float, "alphas")
+  seeds = parse_list(_SEEDS.value, int, "seeds")
+  runs = {}
+  grid = [(a, s) for a in alphas for s in seeds]  # alpha-major: the first alpha's seeds finish first
+  for i, (alpha, seed) in enumerate(grid):
+    config, directory = run_config(base, alpha, seed), run_dir(workdir, alpha, seed)
+    results = finished_results(config, directory)
+    if results is None and not _REPORT_ONLY.value:
+      log(f"[sweep] run {i + 1}/{len(grid)}: alpha={alpha:g} seed={seed} -> {directory}")
+      try:
+        dataset = run_setup.prepare(config, directory)
+      except run_setup.InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+      try:
+        results = pipeline.run(config, dataset, directory)
+      except guards.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    elif results is not None:
+      log(f"[sweep] run {i + 1}/{len(grid)}: alpha={alpha:g} seed={seed} reused from {directory}")
+    if results is not None:
+      runs[alpha, seed] = results
+      if jax.process_index() == 0:
+        write_report(config, workdir, runs)
+  if not runs:
+    print(f"error: --workdir: no finished runs under {workdir}; run without --report_only first",
+          file=sys.stderr)
+    sys.exit(2)
+  log(f"[sweep] {len(runs)}/{len(grid)} runs in the table: {workdir / 'sweep.md'}")
+  if jax.process_index() == 0:
+    print((workdir / "sweep.md").read_text(), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+"""The sweep's table and plot: method x alpha, mean ± std over seeds, and fedmitr's gain.
+
+Pure functions of the runs' `results.json` contents, so a table can be rebuilt at any time from
+whatever runs have finished.
+"""
+import csv
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Methods that are not data-free: the references fedmitr is not compared against for "the gain".
+NOT_DATA_FREE = ("fedavg", "ensemble")
+GAIN_ROW = "fedmitr - best other data-free"
+
+
+def mean_std(values):
+  n = len(values)
+  if n == 0:
+    return math.nan, math.nan
+  mean = sum(values) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+  return mean, std
+
+
+def per_run_gain(methods: dict):
+  """fedmitr minus the best other data-free method of the same run (percentage points)."""
+  others = [m["test_acc"] for name, m in methods.items() if name not in NOT_DATA_FREE + ("fedmitr",)]
+  if "fedmitr" not in methods or not others:
+    return None
+  return 100 * (methods["fedmitr"]["test_acc"] - max(others))
+
+
+def aggregate(runs: dict, methods) -> dict:
+  """runs: {(alpha, seed): results dict}. Returns {alpha: {row: (mean, std, n)}} in percent.
+
+  Rows are the methods (in `methods` order), "clients (mean)" and the gain row; the gain is
+  computed per seed (paired: same clients, same teachers) and then averaged.
+  """
+  table = {}
+  for alpha in sorted({a for a, _ in runs}):
+    seeds = sorted(s for a, s in runs if a == alpha)
+    rows = {}
+    for name in methods:
+      values = [100 * runs[alpha, s]["methods"][name]["test_acc"] for s in seeds
+                if name in runs[alpha, s]["methods"]]
+      rows[name] = (*mean_std(values), len(values))
+    client_means = [100 * sum(c["test_acc"] for c in runs[alpha, s]["clients"]) / len(runs[alpha, s]["clients"])
+                    for s in seeds]
+    rows["clients (mean)"] = (*mean_std(client_means), len(client_means))
+    gains = [g for g in (per_run_gain(runs[alpha, s]["methods"]) for s in seeds) if g is not None]
+    rows[GAIN_ROW] = (*mean_std(gains), len(gains))
+    table[alpha] = rows
+  return table
+
+
+def _cell(entry, signed=False):
+  mean, std, n = entry
+  if n == 0:
+    return "—"
+  sign = "+" if signed and mean >= 0 else ""
+  return f"{sign}{mean:.2f} ± {std:.2f}"
+
+
+def write_markdown(table: dict, path, seeds_note: str) -> None:
+  alphas = sorted(table)
+  rows = list(next(iter(table.values()))) if table else []
+  lines = ["| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |",
+           "|---|" + "---|" * len(alphas)]
+  for row in rows:
+    cells = [_cell(table[a][row], signed=row == GAIN_ROW) for a in alphas]
+    name = f"**{row}**" if row in ("fedmitr", GAIN_ROW) else row
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", f"Test accuracy (%), mean ± std over seeds ({seeds_note}); the gain is per seed, "
+            "then averaged."]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_csv(table: dict, path) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["row", "alpha", "mean", "std", "num_seeds"])
+    for alpha, rows in sorted(table.items()):
+      for row, (mean, std, n) in rows.items():
+        writer.writerow([row, alpha, f"{mean:.4f}", f"{std:.4f}", n])
+
+
+def save_plot(table: dict, path, title: str) -> None:
+  alphas = sorted(table)
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  rows = [r for r in next(iter(table.values())) if r != GAIN_ROW]
+  for row in rows:
+    points = [(a, table[a][row]) for a in alphas if table[a][row][2] > 0]
+    if not points:
+      continue
+    xs, entries = zip(*points)
+    style = dict(linewidth=2.5, color="black") if row == "fedmitr" else {}
+    if row in NOT_DATA_FREE or row == "clients (mean)":
+      style = dict(linestyle="--")
+    ax.errorbar(xs, [e[0] for e in entries], yerr=[e[1] for e in entries], marker="o", capsize=3,
+                label=row, **style)
+  ax.set_xlabel("Dirichlet α (larger = closer to IID)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_xticks(alphas)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_json(table: dict, path) -> None:
+  out = {str(a): {row: {"mean": m, "std": s, "num_seeds": n} for row, (m, s, n) in rows.items()}
+         for a, rows in table.items()}
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)

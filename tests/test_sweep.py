@@ -1,0 +1,75 @@
+"""The sweep: table maths on made-up results, workdir reuse rules, and a tiny real sweep."""
+import csv
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fedmitr_jax import run_setup, sweep_report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _results(accs, clients=(0.2, 0.4)):
+  return {"methods": {m: {"test_acc": a} for m, a in accs.items()},
+          "clients": [{"test_acc": c, "num_examples": 10} for c in clients]}
+
+
+def test_aggregate_mean_std_and_paired_gain():
+  runs = {
+      (0.1, 0): _results({"fedavg": 0.10, "dense_kd": 0.20, "sparse_kd": 0.25, "fedmitr": 0.30}),
+      (0.1, 1): _results({"fedavg": 0.12, "dense_kd": 0.28, "sparse_kd": 0.22, "fedmitr": 0.26}),
+      (0.5, 0): _results({"fedavg": 0.30, "dense_kd": 0.40, "sparse_kd": 0.41, "fedmitr": 0.39}),
+  }
+  table = sweep_report.aggregate(runs, ["fedavg", "dense_kd", "sparse_kd", "fedmitr"])
+  mean, std, n = table[0.1]["fedmitr"]
+  assert (mean, n) == (pytest.approx(28.0), 2) and std == pytest.approx(math.sqrt(8.0))
+  # Gains per seed: 30 - 25 = +5 and 26 - 28 = -2 (fedavg is not a data-free competitor).
+  gain = table[0.1][sweep_report.GAIN_ROW]
+  assert gain[0] == pytest.approx(1.5) and gain[1] == pytest.approx(math.sqrt(24.5)) and gain[2] == 2
+  assert table[0.5][sweep_report.GAIN_ROW][:2] == (pytest.approx(-2.0), 0.0)
+  assert table[0.1]["clients (mean)"][0] == pytest.approx(30.0)
+
+
+def test_report_files(tmp_path):
+  runs = {(a, s): _results({"fedavg": 0.1 + a, "fedmitr": 0.2 + a + s / 100}) for a in (0.1, 0.3) for s in (0, 1)}
+  table = sweep_report.aggregate(runs, ["fedavg", "fedmitr"])
+  sweep_report.write_markdown(table, tmp_path / "t.md", "seeds 0, 1")
+  sweep_report.write_csv(table, tmp_path / "t.csv")
+  sweep_report.save_plot(table, tmp_path / "t.png", "test")
+  text = (tmp_path / "t.md").read_text()
+  assert "| **fedmitr** | 30.50 ± 0.71 | 50.50 ± 0.71 |" in text
+  rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+  assert {r["row"] for r in rows} == {"fedavg", "fedmitr", "clients (mean)", sweep_report.GAIN_ROW}
+  assert (tmp_path / "t.png").stat().st_size > 5000
+
+
+def test_changed_fields_ignores_methods_and_fields_new_to_the_code():
+  saved = {"seed": 0, "methods": ["fedavg"], "distill": {"tau": 4.0}}
+  same = {"seed": 0, "methods": ["fedavg", "dense"], "distill": {"tau": 4.0, "new_field": 1}}
+  assert run_setup.changed_fields(saved, same) == []
+  assert run_setup.changed_fields(saved, dict(same, distill={"tau": 1.0})) == ["distill.tau"]
+
+
+def test_tiny_sweep_runs_then_reuses(tmp_path):
+  cmd = [sys.executable, "-m", "fedmitr_jax.sweep", "--config", str(REPO / "configs/smoke.py"),
+         "--workdir", str(tmp_path), "--alphas", "0.5,1", "--seeds", "3",
+         "--config.methods=('fedavg','ensemble')"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-2000:]
+  table = json.loads((tmp_path / "sweep.json").read_text())
+  assert set(table) == {"0.5", "1.0"} and table["0.5"]["fedavg"]["num_seeds"] == 1
+  for alpha in ("0.5", "1"):
+    results = json.loads((tmp_path / f"alpha{alpha}_seed3" / "results.json").read_text())
+    assert results["config"]["seed"] == 3 and results["config"]["partition"]["alpha"] == float(alpha)
+  assert (tmp_path / "sweep.png").exists() and "| fedavg |" in (tmp_path / "sweep.md").read_text()
+  second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert second.stdout.count("reused from") == 2 and "[clients]" not in second.stdout
+  bad = subprocess.run(cmd[:-1] + ["--alphas", "0.5,x"], cwd=REPO, env=env, capture_output=True, text=True)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --alphas")
