@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedmitr_jax import checkpoints, clients, guards, patches, sharding
-from fedmitr_jax.progress import Progress
+from fedmitr_jax.progress import Progress, log
 
 
 @flax.struct.dataclass
@@ -124,6 +124,8 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
   if manager is not None:
     start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(state))
     state = saved if saved is not None else state
+    if saved is not None:
+      log(f"[{stage}] resuming at step {start}")
   # Copies: the step donates its state, and the caller's initial parameters must stay valid.
   state = sharding.replicate(mesh, jax.tree.map(jnp.copy, state))
   step_fn = jit_sharded_step(make_distill_step(model, tx, cfg), mesh)
