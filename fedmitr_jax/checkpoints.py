@@ -7,6 +7,12 @@ Layout under the workdir:
   stages/<stage>/DONE               written last: a stage without it is redone or resumed
 Orbax writes each step to a temporary folder and renames it when complete, so a kill during a
 save leaves the previous save readable; DONE is written after the result save has finished.
+
+Multi-process runs: every process calls every save and restore (Orbax's saves are collective);
+Orbax writes numpy leaves and each shard of a replicated jax.Array once. It refuses a jax.Array
+that lives on one process's devices only, so `standard_save` first turns such leaves (which every
+process computed identically) into global arrays replicated over all devices. Only process 0
+deletes a stale result or writes the JSON files, with barriers so the others never race it.
 """
 import errno
 import json
@@ -16,6 +22,9 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from fedmitr_jax import sharding
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
@@ -26,6 +35,29 @@ def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager
 def abstract_like(tree):
   """Shape/dtype(/sharding) skeleton of `tree`: the restore target Orbax needs."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def savable(tree):
+  """`tree` as Orbax saves it in a multi-process run: process-local jax.Arrays (client training
+  and the generator baselines compute on each process's own device) become global replicated
+  arrays, else Orbax raises 'Cannot serialize host local jax.Array ... in multi-host setting'.
+  Global arrays and numpy pass unchanged; so does everything in a one-process run."""
+  if jax.process_count() == 1:
+    return tree
+  mesh = sharding.data_mesh()
+  return jax.tree.map(
+      lambda x: sharding.replicate(mesh, x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+      tree)
+
+
+def standard_save(tree) -> ocp.args.StandardSave:
+  return ocp.args.StandardSave(savable(tree))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (nothing to wait for in a one-process run)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 class StageStore:
@@ -43,14 +75,16 @@ class StageStore:
 
   def save_result(self, stage: str, tree, facts: dict | None = None) -> None:
     stale = self._dir(stage) / "result"
-    if stale.exists() and jax.process_index() == 0:  # killed after the save, before DONE
+    if jax.process_index() == 0 and stale.exists():  # killed after the save, before DONE
       shutil.rmtree(stale)
+    barrier(f"{stage}: stale result removed")  # before any process opens the folder again
     with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:
-      manager.save(0, args=ocp.args.StandardSave(tree), force=True)
+      manager.save(0, args=standard_save(tree), force=True)
       manager.wait_until_finished()
     if jax.process_index() == 0:
       write_json_atomic(self._dir(stage) / "result.json", facts or {})
       write_json_atomic(self._dir(stage) / "DONE", {"stage": stage})
+    barrier(f"{stage}: DONE written")  # no process goes on to read result.json before it exists
 
   def load_result(self, stage: str, abstract_tree):
     with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:

@@ -137,12 +137,12 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
   last_save = lambda: manager.latest_step() if manager is not None else None
   for t in range(start, total):
     idx = batch_indices(bank_size, cfg.batch_size, t, seed)
-    batch = jax.device_put({k: bank[k][idx] for k in keys}, split)
+    batch = sharding.put_global({k: bank[k][idx] for k in keys}, split)  # multi-process safe
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, t))
     guard.update(t + 1, metrics["loss"])
     if manager is not None and (t + 1) % cfg.checkpoint_every_steps == 0:
       guard.check(last_save())  # never save a state that came from a NaN
-      manager.save(t + 1, args=checkpoints.ocp.args.StandardSave(state))
+      manager.save(t + 1, args=checkpoints.standard_save(state))
     if (t + 1) % cfg.log_every == 0 or t + 1 == total:
       progress.report(t + 1, **jax.device_get(metrics))
   guard.check(last_save())

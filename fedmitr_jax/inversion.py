@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmitr_jax import data as data_lib, ensemble, guards, patches
+from fedmitr_jax import data as data_lib, ensemble, guards, patches, sharding
 from fedmitr_jax.progress import Progress
 
 
@@ -172,9 +172,9 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
       keep_idx = prune(final, keep_idx, teacher_params, weights, n_keep)
   teacher_logits, token_probs = inverter.soft_labels(final, teacher_params, weights)
   jax.block_until_ready(token_probs)
-  return {
-      "images": np.asarray(final), "labels": np.asarray(labels),
-      "masks": np.asarray(patches.index_to_mask(keep_idx, num_patches)),
-      "teacher_logits": np.asarray(teacher_logits), "token_probs": np.asarray(token_probs),
+  return {  # to_host: the whole batch on every process in multi-process runs
+      "images": sharding.to_host(final), "labels": sharding.to_host(labels),
+      "masks": sharding.to_host(patches.index_to_mask(keep_idx, num_patches)),
+      "teacher_logits": sharding.to_host(teacher_logits), "token_probs": sharding.to_host(token_probs),
   }, {"seconds": progress.elapsed(), "tokens_per_stage": counts}
 

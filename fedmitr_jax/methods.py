@@ -13,7 +13,7 @@ generator methods synthesise inside their own stage (generator_kd.py).
 import jax
 import jax.numpy as jnp
 
-from fedmitr_jax import checkpoints, distill, evaluate, generator_kd, inversion, synthetic_bank
+from fedmitr_jax import checkpoints, distill, evaluate, generator_kd, inversion, sharding, synthetic_bank
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 
@@ -80,6 +80,7 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
         params, facts = distill.train_student(student, cfg, bank, init, seed=config.seed,
                                               stage=stage, manager=manager)
       store.save_result(stage, params, facts)
+    params = sharding.to_local(params)  # replicated over every process -> this process's copy
     e = config.eval
     acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size)
     acc_tok = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size,

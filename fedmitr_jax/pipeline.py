@@ -71,7 +71,7 @@ def run_clients(config, dataset, parts, store: StageStore):
       def save_every(t, s):
         if t % cfg.checkpoint_every_steps == 0:
           guard.check(manager.latest_step())  # never save a state that came from a NaN
-          manager.save(t, args=checkpoints.ocp.args.StandardSave(s))
+          manager.save(t, args=checkpoints.standard_save(s))
 
       states = clients.train_clients_vmap(step_fn, states, dataset.train_images, dataset.train_labels,
                                           plan, rngs, start_step=start, on_step=save_every,

@@ -7,7 +7,6 @@ resumed bank equals an uninterrupted one.
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedmitr_jax import checkpoints, inversion, sharding
 from fedmitr_jax.progress import log
@@ -40,9 +39,8 @@ def build_bank(name: str, inverter: inversion.Inverter, teacher_params, weights,
     return store.load_result(name, checkpoints.abstract_like(template)), store.load_facts(name)
   mesh = sharding.data_mesh()
   shard = sharding.batch_sharder(mesh, cfg.batch_size, "inversion.batch_size")
-  replicated = NamedSharding(mesh, P())
-  teacher_params = jax.device_put(teacher_params, replicated)
-  weights = jax.device_put(np.asarray(weights, np.float32), replicated)
+  teacher_params = sharding.replicate(mesh, teacher_params)
+  weights = sharding.replicate(mesh, np.asarray(weights, np.float32))
   base_rng = jax.random.fold_in(jax.random.key(seed), 3)  # stream 3: synthesis
   with store.progress_manager(name, max_to_keep=1) as manager:
     _, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(template))
@@ -62,7 +60,10 @@ def build_bank(name: str, inverter: inversion.Inverter, teacher_params, weights,
         bank[key][rows] = out[key]
       bank["batches_done"] = np.int32(b + 1)
       seconds.append(facts["seconds"])
-      manager.save(b + 1, args=checkpoints.ocp.args.StandardSave(bank))
+      manager.save(b + 1, args=checkpoints.standard_save(bank))
+      # A batch takes seconds to minutes; waiting for its save to land costs nothing and means a
+      # kill at any later point resumes after this batch.
+      manager.wait_until_finished()
     manager.wait_until_finished()
   facts = {"seconds": float(sum(seconds)), "seconds_per_batch": seconds,
            "tokens_per_stage": inversion.keep_counts(template["masks"].shape[1],

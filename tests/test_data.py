@@ -234,3 +234,22 @@ def test_normalize_roundtrip_numpy_and_jax():
   assert isinstance(yj, jnp.ndarray) and yj.dtype == jnp.float32
   np.testing.assert_array_equal(data.denormalize(yj), x)
   assert data.denormalize(np.array([-3.0, 3.0])).tolist() == [0, 255]
+
+
+def test_tfds_labels_out_of_range_are_refused(tmp_path, monkeypatch):
+  """A prepared dataset whose records carry a label its ClassLabel does not have (a broken or
+  hand-edited copy) stops with one line naming the split field."""
+  TinyImages(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  real = tfds.core.DatasetBuilder.as_data_source
+
+  def with_bad_label(self, split):
+    records = list(real(self, split=split))
+    records[-1] = dict(records[-1], label=7)  # 3 classes: 7 is out of range
+    return records
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", with_bad_label)
+  cfg = _cfg(tmp_path, kind="tfds", name="tiny_images", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(data.DataError) as e:
+    data.load_dataset(cfg)
+  message = str(e.value)
+  assert message.startswith("dataset.train_split: split 'train'") and "outside [0, 3)" in message
+  assert "\n" not in message

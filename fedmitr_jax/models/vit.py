@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 
 # size name -> (width, depth, heads, mlp_dim). Ti/S/B follow ViT/DeiT; the rest are for 32-px CPU
-# work ('Mi' is the width-128/depth-4 model of SPEC.md's measurements) and tests.
+# work ('Mi' and 'Sm' are the width-128/depth-4 and width-192/depth-6 models of SPEC.md's
+# measurements and the performance benchmarks) and tests.
 SIZES = {
     "test": (32, 2, 2, 64),
     "Mu": (64, 3, 2, 128),
     "Mi": (128, 4, 4, 256),
+    "Sm": (192, 6, 3, 768),
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),
