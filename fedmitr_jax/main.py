@@ -50,7 +50,10 @@ def main(argv):
     print(f"error: workdir: disk full while saving under {workdir} ({type(e).__name__}); free space "
           "and rerun the same command: finished stages and the last complete save are kept",
           file=sys.stderr, flush=True)
-    sys.exit(4)
+    sys.stdout.flush()
+    # Exit now: Orbax's background save threads would otherwise print their own tracebacks of
+    # the same failed write after this line while the interpreter waits for them.
+    os._exit(4)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -157,12 +156,14 @@ def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(reference, tmp_
     shutil.rmtree(workdir / "stages" / stage)
   (workdir / "results.json").unlink()
 
-  def small_disk():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
-
-  full = subprocess.run(command(workdir), cwd=REPO, env=environment(), capture_output=True, text=True,
-                        timeout=TIMEOUT, preexec_fn=small_disk)
+  # The limit is set inside the child before main runs (not with preexec_fn, which is unsafe
+  # after fork in a process that already runs JAX threads). SIGXFSZ is ignored so a too-large
+  # write fails with EFBIG instead of killing the process.
+  small_disk = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY)); "
+                "sys.argv = ['main'] + sys.argv[1:]; runpy.run_module('fedmitr_jax.main', run_name='__main__')")
+  cmd = [sys.executable, "-c", small_disk] + command(workdir)[3:]
+  full = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
   assert full.returncode == 4, full.stderr[-3000:]
   last = full.stderr.strip().splitlines()[-1]
   assert last.startswith("error: workdir: disk full while saving under") and "rerun" in last
