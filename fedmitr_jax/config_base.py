@@ -131,6 +131,71 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+PAPER_MODELS = ("Ti/16", "S/16")
+
+
+def paper_scale(args, *, client_epochs: float) -> ml_collections.ConfigDict:
+  """What the paper-scale configs (configs/paper_*.py) share; each then sets its dataset.
+
+  `args`: parsed config args with alpha, clients, model, pretrained, norm. ImageNet-pretrained
+  ViT-Ti/16 or S/16 clients at 224 px, SMI's schedule, every method of the paper's table.
+  """
+  if args.model not in PAPER_MODELS:
+    raise ValueError(f"config arg 'model': '{args.model}' is not one of {PAPER_MODELS}")
+  c = base_config()
+  c.dataset.image_size = 224
+  c.partition.method = "dirichlet"
+  c.partition.alpha = args.alpha
+  c.partition.num_clients = args.clients
+  c.model.variant = args.model
+  c.model.pretrained_path = args.pretrained
+  # DeiT (timm) weights expect ImageNet mean/std inputs; vit_jax / big_vision .npz: norm=minus_one_one.
+  c.model.pretrained_input_norm = args.norm
+  c.methods = ALL_METHODS             # the paper's table, with DENSE and Co-Boosting
+  c.generator_kd.crop_padding = 28     # the baselines' RandomCrop(pad 4) at 32 px, scaled to 224
+
+  # Clients fine-tune the pretrained ViT as DENSE / Co-Boosting train theirs (SGD lr 0.01, momentum
+  # 0.9, no weight decay) with vit_jax's fine-tuning clip (1.0) and a cosine schedule; epochs per
+  # dataset (CIFAR-10: 10 epochs of a ~10k-image shard is ~1.5k steps, enough for a pretrained ViT).
+  # Batch 64 per client: the vmapped step holds K x 64 images on one device, at ~50 MB of
+  # activations per image for Ti/16, ~95 MB for S/16 (XLA's memory analysis): 5 Ti clients ~17 GB,
+  # 10 S/16 clients ~60 GB; on 16-32 GB chips use --config.clients.mode=loop (one at a time).
+  c.clients.optimizer = "sgd"
+  c.clients.lr = 0.01
+  c.clients.momentum = 0.9
+  c.clients.weight_decay = 0.0
+  c.clients.epochs = client_epochs
+  c.clients.batch_size = 64
+  c.clients.crop_padding = 28  # 1/8 of the image, as pad 4 at 32 px
+
+  # SMI's schedule at 224 px: 4000 iterations, stops 50/100/200/300 dropping 30% each (196 patches
+  # -> 137 -> 95 -> 66 -> 46 kept), Adam lr 0.25, jitter +-28 px (~2 whole patches) + flip.
+  # Bank: 32 x 128 = 4,096 images per bank (DENSE's pool reaches 51k generator samples, but 4000
+  # pixel iterations per image cost ~1000x a generator sample; 4k is the affordable "thousands").
+  c.inversion.iterations = 4000
+  c.inversion.stops = (50, 100, 200, 300)
+  c.inversion.drop_ratio = 0.3
+  c.inversion.lr = 0.25
+  c.inversion.jitter_patches = 2
+  # Batch 128 (global, split over the devices): a dense step holds up to 128 x K x 50 MB (Ti/16)
+  # of activations, ~33 GB for 5 teachers on one device; S/16 with 10 clients on one 80 GB GPU
+  # needs --config.inversion.batch_size=64.
+  c.inversion.batch_size = 128
+  c.inversion.num_batches = 32
+  c.inversion.log_every = 500
+
+  # DENSE and Co-Boosting distil for 200 epochs over their pool; at 4,096 images that is 3,200
+  # steps of 256 per student, ~4% of the run's FLOPs, so we keep it. AdamW at DeiT's lr rule
+  # (5e-4 * batch / 512).
+  c.distill.epochs = 200.0
+  c.distill.batch_size = 256
+  c.distill.lr = 2.5e-4
+  c.distill.checkpoint_every_steps = 500
+  c.distill.log_every = 100
+  c.eval.batch_size = 256
+  return c
+
+
 def parse_arg(arg: str, **defaults):
   """Parses 'key=value,flag' config args (big_vision style) into a ConfigDict with defaults."""
   parsed = ml_collections.ConfigDict(defaults)

@@ -35,6 +35,18 @@ def student_init(config, student, fedavg_params):
   return jax.tree.map(jnp.copy, params)
 
 
+def load_or_train(store, stage: str, init, train, max_to_keep: int = 2):
+  """A student stage: loaded when finished; else `train(init, manager)` (which resumes from the
+  manager's rolling saves) runs and its (params, facts) are saved as the stage's result."""
+  if store.is_done(stage):
+    log(f"[{stage}] loaded from checkpoint")
+    return store.load_result(stage, checkpoints.abstract_like(init)), store.load_facts(stage)
+  with store.progress_manager(stage, max_to_keep=max_to_keep) as manager:
+    params, facts = train(init, manager)
+  store.save_result(stage, params, facts)
+  return params, facts
+
+
 def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store):
   """Returns {method: {test_acc, test_acc_cls_token, seconds, ...}} for the data-free methods."""
   wanted = [m for m in config.methods if m in DATA_FREE]
@@ -51,16 +63,9 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
   results = {}
   for method in [m for m in config.methods if m in generator_kd.METHODS]:
     stage = f"distill_{method}"
-    init = student_init(config, student, fedavg_params)
-    if store.is_done(stage):
-      params, facts = store.load_result(stage, checkpoints.abstract_like(init)), store.load_facts(stage)
-      log(f"[{stage}] loaded from checkpoint")
-    else:
-      with store.progress_manager(stage, max_to_keep=1) as manager:
-        params, facts = generator_kd.train(method, config, teacher, student, teacher_params,
-                                           jnp.asarray(weights, jnp.float32), init, stage=stage,
-                                           manager=manager)
-      store.save_result(stage, params, facts)
+    params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
+        generator_kd.train(method, config, teacher, student, teacher_params,
+                           jnp.asarray(weights, jnp.float32), init, stage=stage, manager=m)), max_to_keep=1)
     acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, config.eval.batch_size)
     results[method] = {"test_acc": acc, "server_seconds": facts["seconds"], "rounds": facts["rounds"],
                        "kd_steps": facts["kd_steps"]}
@@ -71,15 +76,8 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
     with cfg.unlocked():
       cfg.beta = config.distill.beta if relabel else 0.0
     stage = f"distill_{method}"
-    init = student_init(config, student, fedavg_params)
-    if store.is_done(stage):
-      params, facts = store.load_result(stage, checkpoints.abstract_like(init)), store.load_facts(stage)
-      log(f"[{stage}] loaded from checkpoint")
-    else:
-      with store.progress_manager(stage) as manager:
-        params, facts = distill.train_student(student, cfg, bank, init, seed=config.seed,
-                                              stage=stage, manager=manager)
-      store.save_result(stage, params, facts)
+    params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
+        distill.train_student(student, cfg, bank, init, seed=config.seed, stage=stage, manager=m)))
     params = sharding.to_local(params)  # replicated over every process -> this process's copy
     e = config.eval
     acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size)
