@@ -72,8 +72,8 @@ def jax_matmul_gflops(dtype, n=2048, repeats=10):
 
 
 # ---- inversion --------------------------------------------------------------------------------
-def teachers_for(variant, num=TEACHERS):
-  model = vit.build_vit(variant, CLASSES, image_size=IMAGE)
+def teachers_for(variant, num=TEACHERS, dtype=jnp.float32):
+  model = vit.build_vit(variant, CLASSES, image_size=IMAGE, dtype=dtype)
   params = [vit.init_params(model, jax.random.key(k), IMAGE) for k in range(num)]
   return model, jax.tree.map(lambda *xs: jnp.stack(xs), *params)
 
@@ -134,8 +134,8 @@ def distill_batch(num_patches, rng=0):
           "token_probs": jnp.asarray(r.dirichlet(np.ones(CLASSES), (BATCH, num_patches)), jnp.float32)}
 
 
-def distill_step_seconds(variant, repeats):
-  model = vit.build_vit(variant, CLASSES, image_size=IMAGE, separate_token_head=True)
+def distill_step_seconds(variant, repeats, dtype=jnp.float32):
+  model = vit.build_vit(variant, CLASSES, image_size=IMAGE, separate_token_head=True, dtype=dtype)
   params = vit.init_params(model, jax.random.key(0), IMAGE)
   cfg = config_base.base_config().distill
   tx = distill.make_optimizer(cfg, 1000)

@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Input normalisation the weights file was trained with, folded into the patch embedding:
   # 'minus_one_one' (vit_jax, big_vision, timm ViT ports) | 'imagenet' (DeiT's mean/std).
   c.model.pretrained_input_norm = "minus_one_one"
+  # Compute dtype of every ViT (clients, teachers, students): 'float32' | 'bfloat16'. Parameters,
+  # softmax, logits and losses stay float32. bfloat16 is for TPUs/GPUs; on XLA:CPU it is slower
+  # (no AMX path; benchmarks/README.md).
+  c.model.dtype = "float32"
 
   # ---- client (local) training ------------------------------------------------------------
   c.clients = ml_collections.ConfigDict()

@@ -51,9 +51,10 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
   """Returns {method: {test_acc, test_acc_cls_token, seconds, ...}} for the data-free methods."""
   wanted = [m for m in config.methods if m in DATA_FREE]
   image_size, num_classes = config.dataset.image_size, dataset.num_classes
-  teacher = vit.build_vit(config.model.variant, num_classes, image_size=image_size)
+  dtype = vit.compute_dtype(config.model.dtype)
+  teacher = vit.build_vit(config.model.variant, num_classes, image_size=image_size, dtype=dtype)
   student = vit.build_vit(config.model.variant, num_classes, image_size=image_size,
-                          separate_token_head=True)
+                          separate_token_head=True, dtype=dtype)
   inverter = inversion.Inverter(teacher, config.inversion, image_size)
   banks = {}
   for kind in sorted({DATA_FREE[m][0] for m in wanted}):

@@ -38,7 +38,8 @@ def run_partition(config, dataset, store: StageStore, workdir: pathlib.Path):
 
 
 def client_model(config, dataset):
-  return vit.build_vit(config.model.variant, dataset.num_classes, image_size=config.dataset.image_size)
+  return vit.build_vit(config.model.variant, dataset.num_classes, image_size=config.dataset.image_size,
+                       dtype=vit.compute_dtype(config.model.dtype))
 
 
 def run_clients(config, dataset, parts, store: StageStore):

@@ -30,6 +30,7 @@ def check_config(config) -> None:
     data_lib.check_dataset_config(config.dataset)
     partition_lib.check_partition_config(config.partition)
     vit.build_vit(config.model.variant, 2, image_size=config.dataset.image_size)
+    vit.compute_dtype(config.model.dtype)
   except ValueError as e:
     raise InputError(str(e)) from None
   if config.clients.mode not in ("vmap", "loop"):
@@ -91,7 +92,8 @@ def prepare(config, workdir):
 
 def check_pretrained(config, num_classes: int) -> None:
   """Maps the weights file onto the client model; shapes come from eval_shape (no init compute)."""
-  model = vit.build_vit(config.model.variant, num_classes, image_size=config.dataset.image_size)
+  model = vit.build_vit(config.model.variant, num_classes, image_size=config.dataset.image_size,
+                        dtype=vit.compute_dtype(config.model.dtype))
   shapes = jax.eval_shape(lambda: vit.init_params(model, jax.random.key(0), config.dataset.image_size))
   pretrained.load_pretrained(config.model.pretrained_path, shapes, variant=config.model.variant,
                                input_norm=config.model.pretrained_input_norm)

@@ -42,6 +42,7 @@ def _config(tmp_path, **fields):
     ({"partition__num_clients": 50}, "partition.num_clients"),
     ({"model__variant": "test/3"}, "dataset.image_size"),
     ({"model__variant": "Huge/4"}, "model.variant"),
+    ({"model__dtype": "float16"}, "model.dtype"),
     ({"partition__method": "pathological"}, "partition.method"),
     ({"clients__mode": "threads"}, "clients.mode"),
     ({"dataset__kind": "hub"}, "dataset.kind"),

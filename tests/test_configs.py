@@ -131,3 +131,17 @@ def test_bad_arg_names_the_arg(name, arg, named):
 def test_bad_arg_type_is_a_value_error():
   with pytest.raises(ValueError):
     load("paper_cifar10").get_config("alpha=abc")
+
+
+def test_model_dtype_reaches_the_models():
+  """model.dtype is the compute dtype of the ViTs the pipeline builds (float32 by default)."""
+  import types
+
+  import jax.numpy as jnp
+
+  from fedmitr_jax import pipeline
+  config = config_base.base_config()
+  dataset = types.SimpleNamespace(num_classes=10)
+  assert pipeline.client_model(config, dataset).dtype == jnp.float32
+  config.model.dtype = "bfloat16"
+  assert pipeline.client_model(config, dataset).dtype == jnp.bfloat16

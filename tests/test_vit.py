@@ -34,6 +34,25 @@ def test_outputs_and_attention_shapes():
   assert bool(jnp.all(out["cls_attention"] > 0)) and bool(jnp.all(patch_mass < 1.0))
 
 
+def test_bfloat16_compute_keeps_float32_outputs_close_to_float32():
+  """model.dtype='bfloat16': same parameters, bf16 activations; logits, token logits and the
+  attention scores come back float32 and agree with the float32 model to bf16 precision."""
+  params = vit.init_params(vit.build_vit("test/4", 5, image_size=16), jax.random.key(3), 16)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape), params)
+  images = jax.random.uniform(jax.random.key(5), (4, 16, 16, 3), minval=-1, maxval=1)
+  outputs = {}
+  for name in ("float32", "bfloat16"):
+    model = vit.build_vit("test/4", 5, image_size=16, dtype=vit.compute_dtype(name))
+    outputs[name] = model.apply({"params": params}, images, return_attention=True)
+  (full_logits, full), (half_logits, half) = outputs["float32"], outputs["bfloat16"]
+  assert half_logits.dtype == half["token_logits"].dtype == half["cls_attention"].dtype == jnp.float32
+  assert half["tokens"].dtype == jnp.bfloat16  # the activations really are bf16
+  np.testing.assert_allclose(half_logits, full_logits, atol=0.05)
+  np.testing.assert_allclose(half["token_logits"], full["token_logits"], atol=0.05)
+  np.testing.assert_allclose(half["cls_attention"], full["cls_attention"], atol=0.01)
+  assert not np.allclose(half_logits, full_logits, atol=1e-6)  # ... and not silently float32
+
+
 def test_keep_idx_forwards_only_kept_tokens_at_their_positions():
   model = vit.build_vit("test/4", 5, image_size=16)
   params = vit.init_params(model, jax.random.key(1), 16)

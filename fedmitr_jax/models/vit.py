@@ -133,10 +133,21 @@ class ViT(nn.Module):
     if self.separate_token_head:
       token_head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                             name="token_head")
-    out = {"tokens": x[:, 1:], "token_logits": token_head(x[:, 1:])}
+    out = {"tokens": x[:, 1:], "token_logits": token_head(x[:, 1:]).astype(jnp.float32)}
     if return_attention:
-      out["cls_attention"] = weights[:, :, 0, 1:].mean(axis=1)
+      out["cls_attention"] = weights[:, :, 0, 1:].astype(jnp.float32).mean(axis=1)
     return cls_logits.astype(jnp.float32), out
+
+
+# model.dtype -> the compute dtype. Parameters, softmax and logits stay float32 either way (the
+# big_vision recipe for bf16 on TPUs/GPUs); only matmul and conv inputs and activations change.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"model.dtype: '{name}' is unknown; use one of {sorted(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[name]
 
 
 def build_vit(variant: str, num_classes: int, *, image_size: int, separate_token_head=False,
