@@ -6,8 +6,8 @@ r"""The CPU reproduction on CIFAR-10: 5 clients, Dirichlet alpha in {0.1, 0.3, 0
 One (alpha, seed) alone: python -m fedmitr_jax.main --config configs/cifar10_cpu_full.py:alpha=0.3
 --workdir DIR --config.seed=1.
 
-One (alpha, seed) took 76 min on this 2-core CPU, measured while the CPU was shared with tests and
-benchmarks (DENSE 16 min and Co-Boosting 22 min of it; README "Reproduction"): clients train the
+One (alpha, seed) took 33-36 min on this 2-core CPU alone, 3.5 h for all 6 (56-76 min while the CPU
+was shared with tests and benchmarks; README "Reproduction"): clients train the
 Mu/4 ViT from scratch for 8 epochs (looped, the faster mode on CPU), each bank holds 1,024 synthetic
 images of 100 iterations (stops 10/20/30/40), each student distils for 40 epochs over its bank, and
 DENSE / Co-Boosting get the same pool size and student steps. The README's reproduction table is
