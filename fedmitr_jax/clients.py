@@ -143,27 +143,45 @@ def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *
   return states
 
 
-def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *, log_every=50,
-                       stage="clients", guard=None):
-  """Reference: one client after another, each only for its own steps."""
+def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *, start_step=0,
+                       on_step=None, log_every=50, stage="clients", guard=None):
+  """Reference: one client after another, each only for its own steps.
+
+  Steps are numbered globally (client 0's steps, then client 1's, ...), so one counter names a
+  resume point. `on_step(g, stacked_states_fn)` is called after global step g; calling
+  `stacked_states_fn()` gives every client's state stacked, the current one at its step g, so a
+  caller that saves only every N steps pays for the stacking only then. Resuming from a state saved
+  at `start_step` gives the uninterrupted result: batches and random numbers depend only on
+  (client, step)."""
   jstep = jax.jit(step_fn)
   totals = jnp.asarray(plan.steps, jnp.int32)
-  finished = []
+  offsets = np.concatenate([[0], np.cumsum(plan.steps)])
   for k in range(len(plan.steps)):
+    if start_step >= offsets[k + 1]:
+      continue  # finished before the save we resumed from; its state is in `states`
+    first = start_step - offsets[k] if start_step > offsets[k] else 0
     state = jax.tree.map(lambda x: x[k], states)
-    progress = Progress(f"{stage} {k}", int(plan.steps[k]), plan.index.shape[-1])
-    for t in range(int(plan.steps[k])):
+    progress = Progress(f"{stage} {k}", int(plan.steps[k]), plan.index.shape[-1], start_step=int(first))
+    for t in range(int(first), int(plan.steps[k])):
       idx = plan.index[k, t]
       state, metrics = jstep(state, images[idx], labels[idx].astype(np.int32), plan.mask[k, t],
                              totals[k], jax.random.fold_in(rngs[k], t))
+      g = int(offsets[k]) + t + 1
       if guard is not None:
-        guard.update(t + 1, metrics["loss"])
+        guard.update(g, metrics["loss"])
+      if on_step is not None:
+        on_step(g, lambda: _with_client(states, k, state))
       if (t + 1) % log_every == 0 or t + 1 == plan.steps[k]:
         progress.report(t + 1, loss=metrics["loss"])
     if guard is not None:
       guard.check()
-    finished.append(state)
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *finished)
+    states = _with_client(states, k, state)
+  return states
+
+
+def _with_client(states, k: int, state):
+  """`states` (stacked on axis 0) with client k's entry replaced by `state`."""
+  return jax.tree.map(lambda stacked, x: stacked.at[k].set(x), states, state)
 
 
 def stack_copies(tree, num: int):

@@ -62,13 +62,15 @@ def run_clients(config, dataset, parts, store: StageStore):
   log(f"[clients] {len(parts)} clients, {cfg.mode} mode, steps per client {plan.steps.tolist()}")
   started = time.perf_counter()
   guard = guards.FiniteGuard("clients", "clients.lr")
-  if cfg.mode == "vmap":
-    with store.progress_manager("clients") as manager:
-      start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(states))
-      if saved is not None:
-        states = saved
-        log(f"[clients] resuming at step {start}")
+  if cfg.mode not in ("vmap", "loop"):
+    raise ValueError(f"clients.mode: '{cfg.mode}' is unknown; use 'vmap' or 'loop'")
+  with store.progress_manager("clients") as manager:
+    start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(states))
+    if saved is not None:
+      states = saved
+      log(f"[clients] resuming at step {start}")
 
+    if cfg.mode == "vmap":
       def save_every(t, s):
         if t % cfg.checkpoint_every_steps == 0:
           guard.check(manager.latest_step())  # never save a state that came from a NaN
@@ -77,13 +79,19 @@ def run_clients(config, dataset, parts, store: StageStore):
       states = clients.train_clients_vmap(step_fn, states, dataset.train_images, dataset.train_labels,
                                           plan, rngs, start_step=start, on_step=save_every,
                                           log_every=cfg.log_every_steps, guard=guard)
-      guard.check(manager.latest_step())
-      manager.wait_until_finished()
-  elif cfg.mode == "loop":  # the reference path restarts from scratch if killed
-    states = clients.train_clients_loop(step_fn, states, dataset.train_images, dataset.train_labels,
-                                        plan, rngs, log_every=cfg.log_every_steps, guard=guard)
-  else:
-    raise ValueError(f"clients.mode: '{cfg.mode}' is unknown; use 'vmap' or 'loop'")
+    else:  # one client after another; also saved when each client finishes
+      ends = set(np.cumsum(plan.steps).tolist())
+
+      def save_every(g, stacked_states):
+        if g % cfg.checkpoint_every_steps == 0 or g in ends:
+          guard.check(manager.latest_step())
+          manager.save(g, args=checkpoints.standard_save(stacked_states()))
+
+      states = clients.train_clients_loop(step_fn, states, dataset.train_images, dataset.train_labels,
+                                          plan, rngs, start_step=start, on_step=save_every,
+                                          log_every=cfg.log_every_steps, guard=guard)
+    guard.check(manager.latest_step())
+    manager.wait_until_finished()
   seconds = time.perf_counter() - started
   store.save_result("clients", states.params, {"seconds": seconds, "mode": cfg.mode,
                                                "steps": plan.steps.tolist()})

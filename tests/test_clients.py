@@ -47,6 +47,26 @@ def test_vmapped_clients_equal_one_by_one_clients():
   assert not np.allclose(first[0], first[1])
 
 
+def test_looped_clients_resume_from_a_mid_run_save_with_the_same_result():
+  step, states, images, labels, plan, rngs = _setup()
+  saved = {}
+
+  def keep(g, stacked):
+    saved[g] = stacked()
+
+  full = clients.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000,
+                                    on_step=keep)
+  offsets = np.cumsum(plan.steps)
+  assert sorted(saved) == list(range(1, offsets[-1] + 1))  # steps numbered globally, 1..total
+  middle = int(offsets[0]) + 2  # inside client 1: client 0 done, client 1 two steps in
+  np.testing.assert_array_equal(np.asarray(saved[middle].step), [plan.steps[0], 2, 0])
+  for start in (middle, int(offsets[1])):  # mid-client, and exactly at a client's end
+    resumed = clients.train_clients_loop(step, saved[start], images, labels, plan, rngs,
+                                         log_every=1000, start_step=start)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_masked_step_leaves_state_unchanged():
   step, states, images, labels, plan, rngs = _setup()
   one = jax.tree.map(lambda x: x[0], states)

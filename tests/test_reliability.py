@@ -36,14 +36,14 @@ def environment(devices=1):
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def run(workdir, devices=1, **kwargs):
-  return subprocess.run(command(workdir), cwd=REPO, env=environment(devices), capture_output=True,
+def run(workdir, devices=1, extra=(), **kwargs):
+  return subprocess.run(command(workdir, *extra), cwd=REPO, env=environment(devices), capture_output=True,
                         text=True, timeout=TIMEOUT, **kwargs)
 
 
-def run_and_kill(workdir, marker: str, devices=1) -> str:
+def run_and_kill(workdir, marker: str, devices=1, extra=()) -> str:
   """Starts a run, SIGKILLs it as soon as a stdout line starts with `marker`; returns stdout."""
-  proc = subprocess.Popen(command(workdir), cwd=REPO, env=environment(devices), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(command(workdir, *extra), cwd=REPO, env=environment(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   lines = []
   try:
@@ -125,6 +125,27 @@ def test_sigkill_in_every_stage_then_resume_gives_the_same_results(reference, tm
     assert f"[{stage}] loaded from checkpoint" in final.stdout
   expect_resumed(final.stdout, "distill_fedmitr", distill_saves)
   assert accuracies(workdir) == accuracies(reference)
+
+
+def test_sigkill_in_looped_clients_resumes_inside_the_client(tmp_path):
+  """clients.mode=loop (one client after another) saves every checkpoint_every_steps global steps
+  and at the end of each client, so a kill costs only the steps since the last save."""
+  loop = ("--config.clients.mode=loop", "--config.methods=('fedavg',)")
+  workdir = tmp_path / "killed"
+  out = run_and_kill(workdir, "[clients 1] step 5/", extra=loop)
+  steps = json.loads(re.search(r"steps per client (\[[\d, ]+\])", out).group(1))
+  saves = finished_saves(workdir, "clients")
+  assert saves and saves[-1] > steps[0] - 4, saves  # client 0's end (or a later step) was saved
+  final = run(workdir, extra=loop)
+  assert final.returncode == 0, final.stderr[-3000:]
+  expect_resumed(final.stdout, "clients", saves)
+  if saves[-1] >= steps[0]:
+    assert "[clients 0] step" not in final.stdout  # the finished client is not trained again
+  done_in_client_1 = max(saves[-1] - steps[0], 0)
+  reported = [int(n) for n in re.findall(r"\[clients 1\] step (\d+)/", final.stdout)]
+  assert reported and done_in_client_1 < reported[0] <= done_in_client_1 + 5, reported  # goes on, not from 0
+  # That the resumed clients equal uninterrupted ones is tested in process
+  # (test_clients.test_looped_clients_resume_from_a_mid_run_save_with_the_same_result).
 
 
 @pytest.mark.parametrize("first, second", [(8, 1), (1, 8)])
