@@ -130,7 +130,7 @@ def test_sigkill_in_every_stage_then_resume_gives_the_same_results(reference, tm
 def test_sigkill_in_looped_clients_resumes_inside_the_client(tmp_path):
   """clients.mode=loop (one client after another) saves every checkpoint_every_steps global steps
   and at the end of each client, so a kill costs only the steps since the last save."""
-  loop = ("--config.clients.mode=loop", "--config.methods=('fedavg',)")
+  loop = ("--config.clients.mode=loop", "--config.clients.epochs=1", "--config.methods=('fedavg',)")
   workdir = tmp_path / "killed"
   out = run_and_kill(workdir, "[clients 1] step 5/", extra=loop)
   steps = json.loads(re.search(r"steps per client (\[[\d, ]+\])", out).group(1))
