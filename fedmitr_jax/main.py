@@ -47,13 +47,22 @@ def main(argv):
   except Exception as e:  # noqa: BLE001 (only a full disk is turned into a one-line error)
     if not checkpoints.is_disk_full(e):
       raise
-    print(f"error: workdir: disk full while saving under {workdir} ({type(e).__name__}); free space "
-          "and rerun the same command: finished stages and the last complete save are kept",
-          file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Exit now: Orbax's background save threads would otherwise print their own tracebacks of
-    # the same failed write after this line while the interpreter waits for them.
-    os._exit(4)
+    _exit_with_last_line(f"error: workdir: disk full while saving under {workdir} ({type(e).__name__}); "
+                         "free space and rerun the same command: finished stages and the last "
+                         "complete save are kept", code=4)
+
+
+def _exit_with_last_line(message: str, code: int) -> None:
+  """Writes `message` as the last line on stderr and exits at once. Orbax's background save
+  threads can still be printing tracebacks of the same failed write (and would go on while the
+  interpreter waits for them): stderr is pointed at /dev/null before the message is written to a
+  copy of it, so nothing of theirs lands after it, and os._exit does not wait for them."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  own_stderr = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(own_stderr, (message + "\n").encode())
+  os._exit(code)
 
 
 if __name__ == "__main__":
