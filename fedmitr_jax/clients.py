@@ -121,8 +121,9 @@ def client_rngs(seed: int, num_clients: int):
 # ---- runners ---------------------------------------------------------------------------------
 def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *, start_step=0,
                        on_step=None, log_every=50, stage="clients", guard=None):
-  """All clients at once. `on_step(t, states)` is called after each step (checkpoints); `guard`
-  (a guards.FiniteGuard) sees every step's losses, so `on_step` can check it before saving."""
+  """All clients at once. `on_step(t, states_fn)` is called after each step (checkpoints;
+  `states_fn()` gives the states, as in `train_clients_loop`); `guard` (a guards.FiniteGuard)
+  sees every step's losses, so `on_step` can check it before saving."""
   num_clients, total, batch = plan.index.shape
   vstep = jax.jit(jax.vmap(step_fn), donate_argnums=0)
   totals = jnp.asarray(plan.steps, jnp.int32)
@@ -135,7 +136,7 @@ def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *
     if guard is not None:
       guard.update(t + 1, metrics["loss"])
     if on_step is not None:
-      on_step(t + 1, states)
+      on_step(t + 1, lambda: states)
     if (t + 1) % log_every == 0 or t + 1 == total:
       m = jax.device_get(metrics)
       progress.report(t + 1, loss=m["loss"].sum() / max((m["count"] > 0).sum(), 1),

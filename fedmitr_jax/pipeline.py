@@ -70,26 +70,17 @@ def run_clients(config, dataset, parts, store: StageStore):
       states = saved
       log(f"[clients] resuming at step {start}")
 
-    if cfg.mode == "vmap":
-      def save_every(t, s):
-        if t % cfg.checkpoint_every_steps == 0:
-          guard.check(manager.latest_step())  # never save a state that came from a NaN
-          manager.save(t, args=checkpoints.standard_save(s))
+    # Loop mode also saves when each client finishes, so a finished client is never retrained.
+    client_ends = set(np.cumsum(plan.steps).tolist()) if cfg.mode == "loop" else set()
 
-      states = clients.train_clients_vmap(step_fn, states, dataset.train_images, dataset.train_labels,
-                                          plan, rngs, start_step=start, on_step=save_every,
-                                          log_every=cfg.log_every_steps, guard=guard)
-    else:  # one client after another; also saved when each client finishes
-      ends = set(np.cumsum(plan.steps).tolist())
+    def save_every(t, states_fn):
+      if t % cfg.checkpoint_every_steps == 0 or t in client_ends:
+        guard.check(manager.latest_step())  # never save a state that came from a NaN
+        manager.save(t, args=checkpoints.standard_save(states_fn()))
 
-      def save_every(g, stacked_states):
-        if g % cfg.checkpoint_every_steps == 0 or g in ends:
-          guard.check(manager.latest_step())
-          manager.save(g, args=checkpoints.standard_save(stacked_states()))
-
-      states = clients.train_clients_loop(step_fn, states, dataset.train_images, dataset.train_labels,
-                                          plan, rngs, start_step=start, on_step=save_every,
-                                          log_every=cfg.log_every_steps, guard=guard)
+    train = clients.train_clients_vmap if cfg.mode == "vmap" else clients.train_clients_loop
+    states = train(step_fn, states, dataset.train_images, dataset.train_labels, plan, rngs,
+                   start_step=start, on_step=save_every, log_every=cfg.log_every_steps, guard=guard)
     guard.check(manager.latest_step())
     manager.wait_until_finished()
   seconds = time.perf_counter() - started
