@@ -19,7 +19,8 @@ import importlib.util  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmitr_jax import clients, data as data_lib, partition  # noqa: E402
+from fedmitr_jax.client import training  # noqa: E402
+from fedmitr_jax.data import datasets, partition
 from fedmitr_jax.models import vit  # noqa: E402
 
 
@@ -36,33 +37,33 @@ def main():
   parser.add_argument("--steps", type=int, default=60)
   args = parser.parse_args()
   config = load_config(args.config)
-  dataset = data_lib.load_dataset(config.dataset, seed=config.seed)
+  dataset = datasets.load_dataset(config.dataset, seed=config.seed)
   p = config.partition
   parts = partition.partition_indices(dataset.train_labels, p.num_clients, p.method, alpha=p.alpha,
                                       classes_per_client=p.classes_per_client, seed=config.seed)
-  full = clients.plan_batches(parts, config.clients.batch_size, config.clients.epochs, config.seed)
+  full = training.plan_batches(parts, config.clients.batch_size, config.clients.epochs, config.seed)
   # The first `steps` steps of the real plan: the vmapped path pays for the real padding ratio.
   steps = min(args.steps, int(full.steps.max()))
   scale = steps / full.steps.max()
-  plan = clients.BatchPlan(index=full.index[:, :steps], mask=full.mask[:, :steps],
+  plan = training.BatchPlan(index=full.index[:, :steps], mask=full.mask[:, :steps],
                            steps=np.maximum(1, np.round(full.steps * scale)).astype(int))
   plan.mask[np.arange(steps)[None, :] >= plan.steps[:, None]] = False
   model = vit.build_vit(config.model.variant, dataset.num_classes, image_size=config.dataset.image_size)
-  tx = clients.make_optimizer(config.clients)
+  tx = training.make_optimizer(config.clients)
   init = vit.init_params(model, jax.random.key(0), config.dataset.image_size)
-  step = clients.make_client_train_step(model, tx, config.clients)
-  rngs = clients.client_rngs(0, len(parts))
+  step = training.make_client_train_step(model, tx, config.clients)
+  rngs = training.client_rngs(0, len(parts))
   timings = {}
   for mode in ("vmap", "loop"):
-    warm = clients.BatchPlan(index=plan.index[:, :1], mask=plan.mask[:, :1], steps=np.ones(len(parts), int))
-    states = clients.stack_copies(clients.init_client_state(init, tx), len(parts))
+    warm = training.BatchPlan(index=plan.index[:, :1], mask=plan.mask[:, :1], steps=np.ones(len(parts), int))
+    states = training.stack_copies(training.init_client_state(init, tx), len(parts))
     if mode == "loop":
-      runner = clients.train_clients_loop
+      runner = training.train_clients_loop
     else:
-      runner = clients.train_clients_vmap
+      runner = training.train_clients_vmap
     jax.block_until_ready(runner(step, states, dataset.train_images, dataset.train_labels, warm, rngs,
                                  log_every=10**9))  # compile
-    states = clients.stack_copies(clients.init_client_state(init, tx), len(parts))
+    states = training.stack_copies(training.init_client_state(init, tx), len(parts))
     start = time.perf_counter()
     jax.block_until_ready(runner(step, states, dataset.train_images, dataset.train_labels, plan, rngs,
                                  log_every=10**9))

@@ -27,8 +27,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import run as bench  # noqa: E402
-from fedmitr_jax import config_base, distill  # noqa: E402
+from fedmitr_jax import config_base  # noqa: E402
 from fedmitr_jax.models import vit  # noqa: E402
+from fedmitr_jax.server import distill
 
 
 def op_times_by_kind(trace_dir, steps):

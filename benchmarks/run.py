@@ -32,8 +32,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmitr_jax import clients, config_base, distill, inversion  # noqa: E402
+from fedmitr_jax import config_base  # noqa: E402
+from fedmitr_jax.client import training
 from fedmitr_jax.models import vit  # noqa: E402
+from fedmitr_jax.server import distill, inversion
 
 BATCH, IMAGE, CLASSES, TEACHERS = 128, 32, 10, 5
 SMI_ITERATIONS, SMI_STOPS = 4000, (50, 100, 200, 300)
@@ -149,10 +151,10 @@ def client_step_seconds(variant, repeats):
   model = vit.build_vit(variant, CLASSES, image_size=IMAGE)
   params = vit.init_params(model, jax.random.key(0), IMAGE)
   cfg = config_base.base_config().clients
-  tx = clients.make_optimizer(cfg)
-  step = jax.jit(clients.make_client_train_step(model, tx, cfg))
+  tx = training.make_optimizer(cfg)
+  step = jax.jit(training.make_client_train_step(model, tx, cfg))
   r = np.random.default_rng(0)
-  args = (clients.init_client_state(params, tx), jnp.asarray(r.integers(0, 255, (BATCH, IMAGE, IMAGE, 3)), jnp.uint8),
+  args = (training.init_client_state(params, tx), jnp.asarray(r.integers(0, 255, (BATCH, IMAGE, IMAGE, 3)), jnp.uint8),
           jnp.asarray(r.integers(0, CLASSES, BATCH), jnp.int32), jnp.ones(BATCH, bool), jnp.int32(1000),
           jax.random.key(0))
   return seconds_per_call(step, args, repeats), compiled_flops(step, *args)

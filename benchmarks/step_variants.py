@@ -39,8 +39,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import run as bench  # noqa: E402
-from fedmitr_jax import config_base, distill  # noqa: E402
+from fedmitr_jax import config_base  # noqa: E402
 from fedmitr_jax.models import vit  # noqa: E402
+from fedmitr_jax.server import distill
 
 FLAG_VARIANTS = {
     "no_tree_reduction": "--xla_disable_hlo_passes=tree_reduction_rewriter",

@@ -9,7 +9,7 @@ the comparison is against idiomatic PyTorch and not against a port of our XLA tr
 
   TorchViT              fedmitr_jax/models/vit.py's ViT; `load_from_flax` copies our weights in
   make_distill_step     distill.py's step: patch roll/flip, relabel loss, clip 1.0, AdamW
-  make_client_step      clients.py's step: crop/flip of uint8, CE on CLS, clip 1.0, AdamW
+  make_client_step      client/training.py's step: crop/flip of uint8, CE on CLS, clip 1.0, AdamW
   make_inversion_step   inversion.py's step: 5 frozen teachers, CE + TV-l2, masked Adam on pixels
   time_fn, matmul_gflops
 
@@ -41,7 +41,7 @@ from fedmitr_jax.models import vit as flax_vit  # noqa: E402  (SIZES: one source
 # Both libraries get every core: XLA:CPU's thread pool uses them all by default.
 torch.set_num_threads(os.cpu_count())
 
-PIXEL_MIN, PIXEL_MAX = -1.0, 1.0  # fedmitr_jax.data: valid range of normalised pixels
+PIXEL_MIN, PIXEL_MAX = -1.0, 1.0  # fedmitr_jax.data.datasets: valid range of normalised pixels
 LN_EPS = 1e-6                     # flax nn.LayerNorm's default (torch's is 1e-5)
 
 
@@ -182,7 +182,7 @@ def to_nchw(images):
   return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
-# ---- patch geometry (fedmitr_jax/patches.py) ----------------------------------------------------
+# ---- patch geometry (fedmitr_jax/models/patches.py) ----------------------------------------------------
 def _gather_hw(images, rows, cols):
   """out[b, c, h, w] = images[b, c, rows[b, h], cols[b, w]]: per-image shifts and flips as one
   gather (torch has no per-sample roll; a Python loop over the batch would be far slower)."""
@@ -229,7 +229,7 @@ def patch_pixel_mask(keep_idx, num_patches, image_size, patch):
 
 # ---- losses -----------------------------------------------------------------------------------
 def relabel_loss(cls_logits, token_logits, batch, *, tau=4.0, beta=0.5, relabel_target="token"):
-  """fedmitr_jax.distill.relabel_loss (the loss only; ours also returns its terms as metrics)."""
+  """fedmitr_jax.server.distill.relabel_loss (the loss only; ours also returns its terms as metrics)."""
   teacher_soft = torch.softmax(batch["teacher_logits"] / tau, -1).mean(1)
   student_log = torch.log_softmax(cls_logits / tau, -1)
   loss = tau ** 2 * (teacher_soft * (torch.log(teacher_soft + 1e-12) - student_log)).sum(-1).mean()
@@ -248,7 +248,7 @@ def relabel_loss(cls_logits, token_logits, batch, *, tau=4.0, beta=0.5, relabel_
 
 
 def tv_l2(x):
-  """fedmitr_jax.inversion.tv_l2 for NCHW: L2 norms of neighbour differences, 4 directions."""
+  """fedmitr_jax.server.inversion.tv_l2 for NCHW: L2 norms of neighbour differences, 4 directions."""
   d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
   d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
   d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmitr_jax import data as data_lib
+from fedmitr_jax.data import datasets
 
 
 def client_weights(sizes, weighting: str) -> np.ndarray:
@@ -38,7 +38,7 @@ def _padded(images, start, stop, batch_size):
 
 @functools.partial(jax.jit, static_argnames=("model", "token_weight"))
 def _predict(model, params, images_u8, token_weight=0.0):
-  logits, out = model.apply({"params": params}, data_lib.normalize(images_u8))
+  logits, out = model.apply({"params": params}, datasets.normalize(images_u8))
   if token_weight:  # LV-ViT inference: cls + w * max over tokens of the token logits
     logits = logits + token_weight * out["token_logits"].max(axis=1)
   return logits
@@ -47,7 +47,7 @@ def _predict(model, params, images_u8, token_weight=0.0):
 @functools.partial(jax.jit, static_argnames=("model",))
 def _predict_stacked_probs(model, stacked_params, images_u8):
   """Softmax of every client, vmapped over the stacked client axis: [K, B, C]."""
-  logits = jax.vmap(lambda p: model.apply({"params": p}, data_lib.normalize(images_u8))[0])(stacked_params)
+  logits = jax.vmap(lambda p: model.apply({"params": p}, datasets.normalize(images_u8))[0])(stacked_params)
   return jax.nn.softmax(logits, axis=-1)
 
 

@@ -33,12 +33,12 @@ def main(argv):
     jax.distributed.initialize(**distributed_args(os.environ))
   import jax  # noqa: E402  (imported after distributed init on purpose)
 
-  from fedmitr_jax import checkpoints, guards, pipeline, run_setup
+  from fedmitr_jax import checkpoints, guards, pipeline, validate
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    dataset = run_setup.prepare(config, workdir)  # validates everything before a stage starts
+    dataset = validate.prepare(config, workdir)  # validates everything before a stage starts
     pipeline.run(config, dataset, workdir)
-  except run_setup.InputError as e:
+  except validate.InputError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   except guards.NonFiniteError as e:

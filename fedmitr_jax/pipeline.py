@@ -9,11 +9,13 @@ import time
 import jax
 import numpy as np
 
-from fedmitr_jax import (checkpoints, clients, evaluate, methods as methods_lib, partition as partition_lib,
-                         guards, plots, pretrained)
+from fedmitr_jax import checkpoints, evaluate, guards, plots
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
-from fedmitr_jax.models import vit
+from fedmitr_jax.client import training
+from fedmitr_jax.data import partition as partition_lib
+from fedmitr_jax.models import pretrained, vit
 from fedmitr_jax.progress import log
+from fedmitr_jax.server import data_free
 
 
 def run_partition(config, dataset, store: StageStore, workdir: pathlib.Path):
@@ -50,15 +52,15 @@ def run_clients(config, dataset, parts, store: StageStore):
   if config.model.pretrained_path:  # every client starts from the same pretrained weights
     init = pretrained.load_pretrained(config.model.pretrained_path, init, variant=config.model.variant,
                                       input_norm=config.model.pretrained_input_norm)
-  tx = clients.make_optimizer(cfg)
-  states = clients.stack_copies(clients.init_client_state(init, tx), len(parts))
+  tx = training.make_optimizer(cfg)
+  states = training.stack_copies(training.init_client_state(init, tx), len(parts))
   if store.is_done("clients"):
     log("[clients] loaded from checkpoint")
     return store.load_result("clients", checkpoints.abstract_like(states.params))
 
-  plan = clients.plan_batches(parts, cfg.batch_size, cfg.epochs, config.seed)
-  step_fn = clients.make_client_train_step(model, tx, cfg)
-  rngs = clients.client_rngs(config.seed, len(parts))
+  plan = training.plan_batches(parts, cfg.batch_size, cfg.epochs, config.seed)
+  step_fn = training.make_client_train_step(model, tx, cfg)
+  rngs = training.client_rngs(config.seed, len(parts))
   log(f"[clients] {len(parts)} clients, {cfg.mode} mode, steps per client {plan.steps.tolist()}")
   started = time.perf_counter()
   guard = guards.FiniteGuard("clients", "clients.lr")
@@ -78,7 +80,7 @@ def run_clients(config, dataset, parts, store: StageStore):
         guard.check(manager.latest_step())  # never save a state that came from a NaN
         manager.save(t, args=checkpoints.standard_save(states_fn()))
 
-    train = clients.train_clients_vmap if cfg.mode == "vmap" else clients.train_clients_loop
+    train = training.train_clients_vmap if cfg.mode == "vmap" else training.train_clients_loop
     states = train(step_fn, states, dataset.train_images, dataset.train_labels, plan, rngs,
                    start_step=start, on_step=save_every, log_every=cfg.log_every_steps, guard=guard)
     guard.check(manager.latest_step())
@@ -116,9 +118,9 @@ def run(config, dataset, workdir) -> dict:
   weights = evaluate.client_weights(sizes, config.eval.ensemble_weighting)
   fedavg = evaluate.fedavg_params(stacked_params, evaluate.client_weights(sizes, config.eval.fedavg_weighting))
   methods, client_rows = run_baseline_eval(config, dataset, sizes, stacked_params, weights, fedavg)
-  data_free, bank_facts, banks = methods_lib.run_data_free(config, dataset, stacked_params, weights,
+  student_results, bank_facts, banks = data_free.run_data_free(config, dataset, stacked_params, weights,
                                                            fedavg, store)
-  methods.update(data_free)
+  methods.update(student_results)
   methods = {name: methods[name] for name in config.methods if name in methods}
   results = {"methods": methods, "clients": client_rows, "synthesis": bank_facts,
              "client_training": store.load_facts("clients"),

@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmitr_jax import data as data_lib  # noqa: E402
+from fedmitr_jax.data import datasets  # noqa: E402
 from fedmitr_jax.models import vit  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def save_bank_grid(bank, class_names, variant: str, path, per_class: int = 4) ->
         raw_ax.axis("off"), mask_ax.axis("off")
         continue
       i = chosen[j]
-      picture = data_lib.denormalize(images[i])
+      picture = datasets.denormalize(images[i])
       raw_ax.imshow(picture)
       grid = int(round(np.sqrt(masks.shape[1])))
       pixel_mask = np.kron(masks[i].reshape(grid, grid), np.ones((patch, patch)))[..., None]

@@ -35,13 +35,13 @@ def run_config(config, alpha, seed):
 
 def finished_results(config, directory: pathlib.Path):
   """The run's results if it finished with this config and every method, else None."""
-  from fedmitr_jax import run_setup
+  from fedmitr_jax import validate
   path = directory / "results.json"
   if not path.exists():
     return None
   results = json.loads(path.read_text())
   current = json.loads(json.dumps(config.to_dict()))
-  if run_setup.changed_fields(results["config"], current) or set(config.methods) - set(results["methods"]):
+  if validate.changed_fields(results["config"], current) or set(config.methods) - set(results["methods"]):
     return None
   return results
 
@@ -73,7 +73,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
 
-  from fedmitr_jax import guards, pipeline, run_setup
+  from fedmitr_jax import guards, pipeline, validate
   from fedmitr_jax.progress import log
   base, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   alphas = parse_list(_ALPHAS.value, float, "alphas")
@@ -86,8 +86,8 @@ def main(argv):
     if results is None and not _REPORT_ONLY.value:
       log(f"[sweep] run {i + 1}/{len(grid)}: alpha={alpha:g} seed={seed} -> {directory}")
       try:
-        dataset = run_setup.prepare(config, directory)
-      except run_setup.InputError as e:
+        dataset = validate.prepare(config, directory)
+      except validate.InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
       try:

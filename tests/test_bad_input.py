@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedmitr_jax import config_base, run_setup
+from fedmitr_jax import config_base, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,8 @@ def _config(tmp_path, **fields):
 ])
 def test_bad_config_is_one_clear_line_and_writes_nothing(tmp_path, fields, expected_field):
   workdir = tmp_path / "work"
-  with pytest.raises(run_setup.InputError) as err:
-    run_setup.prepare(_config(tmp_path, **fields), workdir)
+  with pytest.raises(validate.InputError) as err:
+    validate.prepare(_config(tmp_path, **fields), workdir)
   message = str(err.value)
   assert expected_field in message and "\n" not in message
   assert not workdir.exists()
@@ -64,17 +64,17 @@ def test_bad_config_is_one_clear_line_and_writes_nothing(tmp_path, fields, expec
 def test_empty_class_folder_and_unreadable_image(tmp_path):
   config = _config(tmp_path)
   (pathlib.Path(config.dataset.root) / "train" / "c").mkdir()
-  with pytest.raises(run_setup.InputError, match="dataset.root"):
-    run_setup.prepare(config, tmp_path / "work")
+  with pytest.raises(validate.InputError, match="dataset.root"):
+    validate.prepare(config, tmp_path / "work")
   config = _config(tmp_path / "second")
   (pathlib.Path(config.dataset.root) / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-  with pytest.raises(run_setup.InputError, match="broken.jpg"):
-    run_setup.prepare(config, tmp_path / "work")
+  with pytest.raises(validate.InputError, match="broken.jpg"):
+    validate.prepare(config, tmp_path / "work")
   assert not (tmp_path / "work").exists()
 
 
 def test_good_config_records_the_run(tmp_path):
-  dataset = run_setup.prepare(_config(tmp_path), tmp_path / "work")
+  dataset = validate.prepare(_config(tmp_path), tmp_path / "work")
   assert dataset.num_classes == 2 and dataset.train_images.shape == (12, 8, 8, 3)
   assert (tmp_path / "work" / "config.json").exists() and (tmp_path / "work" / "metadata.json").exists()
 
@@ -96,5 +96,5 @@ def test_cli_unknown_config_key_and_bad_value_exit_nonzero(tmp_path):
 def test_unknown_method_is_refused(tmp_path):
   config = _config(tmp_path)
   config.methods = ("fedavg", "fedmitr", "fedprox")
-  with pytest.raises(run_setup.InputError, match="methods: \\['fedprox'\\]"):
-    run_setup.prepare(config, tmp_path / "work")
+  with pytest.raises(validate.InputError, match="methods: \\['fedprox'\\]"):
+    validate.prepare(config, tmp_path / "work")

@@ -2,7 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmitr_jax import clients, config_base
+from fedmitr_jax import config_base
+from fedmitr_jax.client import training
 from fedmitr_jax.models import vit
 
 
@@ -15,17 +16,17 @@ def _setup(num_clients=3, sizes=(40, 17, 25)):
   labels = rng.integers(0, 4, sum(sizes)).astype(np.int32)
   offsets = np.cumsum((0,) + sizes)
   parts = [np.arange(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
-  tx = clients.make_optimizer(cfg)
+  tx = training.make_optimizer(cfg)
   init = vit.init_params(model, jax.random.key(0), 16)
-  states = clients.stack_copies(clients.init_client_state(init, tx), num_clients)
-  plan = clients.plan_batches(parts, cfg.batch_size, cfg.epochs, seed=0)
-  step = clients.make_client_train_step(model, tx, cfg)
-  return step, states, images, labels, plan, clients.client_rngs(0, num_clients)
+  states = training.stack_copies(training.init_client_state(init, tx), num_clients)
+  plan = training.plan_batches(parts, cfg.batch_size, cfg.epochs, seed=0)
+  step = training.make_client_train_step(model, tx, cfg)
+  return step, states, images, labels, plan, training.client_rngs(0, num_clients)
 
 
 def test_plan_covers_each_shard_with_masks():
   parts = [np.arange(0, 10), np.arange(10, 13)]
-  plan = clients.plan_batches(parts, batch_size=4, epochs=2.0, seed=1)
+  plan = training.plan_batches(parts, batch_size=4, epochs=2.0, seed=1)
   assert plan.steps.tolist() == [5, 2]
   assert plan.index.shape == (2, 5, 4)
   assert plan.mask[1].sum() == 6 and not plan.mask[1, 2:].any()
@@ -36,9 +37,9 @@ def test_plan_covers_each_shard_with_masks():
 
 def test_vmapped_clients_equal_one_by_one_clients():
   step, states, images, labels, plan, rngs = _setup()
-  vmapped = clients.train_clients_vmap(step, states, images, labels, plan, rngs, log_every=1000)
+  vmapped = training.train_clients_vmap(step, states, images, labels, plan, rngs, log_every=1000)
   step, states, images, labels, plan, rngs = _setup()
-  looped = clients.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000)
+  looped = training.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000)
   np.testing.assert_array_equal(np.asarray(vmapped.step), plan.steps)
   for a, b in zip(jax.tree.leaves(vmapped.params), jax.tree.leaves(looped.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # vmapped matmuls sum in another order
@@ -54,14 +55,14 @@ def test_looped_clients_resume_from_a_mid_run_save_with_the_same_result():
   def keep(g, stacked):
     saved[g] = stacked()
 
-  full = clients.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000,
+  full = training.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000,
                                     on_step=keep)
   offsets = np.cumsum(plan.steps)
   assert sorted(saved) == list(range(1, offsets[-1] + 1))  # steps numbered globally, 1..total
   middle = int(offsets[0]) + 2  # inside client 1: client 0 done, client 1 two steps in
   np.testing.assert_array_equal(np.asarray(saved[middle].step), [plan.steps[0], 2, 0])
   for start in (middle, int(offsets[1])):  # mid-client, and exactly at a client's end
-    resumed = clients.train_clients_loop(step, saved[start], images, labels, plan, rngs,
+    resumed = training.train_clients_loop(step, saved[start], images, labels, plan, rngs,
                                          log_every=1000, start_step=start)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -79,12 +80,12 @@ def test_training_reduces_loss_on_a_learnable_task():
   cfg = config_base.base_config().clients
   cfg.batch_size, cfg.lr, cfg.crop_padding = 16, 3e-3, 0
   model = vit.build_vit("test/8", 2, image_size=16)
-  tx = clients.make_optimizer(cfg)
-  state = clients.init_client_state(vit.init_params(model, jax.random.key(0), 16), tx)
+  tx = training.make_optimizer(cfg)
+  state = training.init_client_state(vit.init_params(model, jax.random.key(0), 16), tx)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 16).astype(np.int32)
   images = np.where(labels[:, None, None, None] == 1, 220, 30).astype(np.uint8) * np.ones((16, 16, 16, 3), np.uint8)
-  step = jax.jit(clients.make_client_train_step(model, tx, cfg))
+  step = jax.jit(training.make_client_train_step(model, tx, cfg))
   mask = np.ones(16, bool)
   losses = []
   for t in range(30):

@@ -1,4 +1,4 @@
-"""Every config in configs/ loads with its documented args and passes run_setup.check_config
+"""Every config in configs/ loads with its documented args and passes validate.check_config
 (on the 8 test devices); the paper configs follow SMI's schedule at 224 px, patch 16."""
 import importlib.util
 import pathlib
@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from fedmitr_jax import config_base, inversion, run_setup
+from fedmitr_jax import config_base, validate
+from fedmitr_jax.server import inversion
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 FILES = sorted(p.stem for p in CONFIGS.glob("*.py"))
@@ -56,7 +57,7 @@ def test_config_loads_and_passes_check_config(name, dataset_root):
     config = module.get_config(arg)
     if config.model.pretrained_path:  # a file the test does not have; the rest is still checked
       config.model.pretrained_path = ""
-    run_setup.check_config(config)
+    validate.check_config(config)
 
 
 def _keys(tree, prefix=""):

@@ -1,4 +1,4 @@
-"""Tests for fedmitr_jax.data on tiny datasets built in tmp_path (never the real 60k CIFAR-10)."""
+"""Tests for fedmitr_jax.data.datasets on tiny datasets built in tmp_path (never the real 60k CIFAR-10)."""
 import os
 import tarfile
 
@@ -8,7 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fedmitr_jax import config_base, data
+from fedmitr_jax import config_base
+from fedmitr_jax.data import datasets
 
 
 def _save(path, size=(20, 20), mode="RGB", color=(200, 30, 60), fmt=None):
@@ -37,7 +38,7 @@ def _cfg(tmp_path, **fields):
 
 def test_folder_shapes_labels_and_resize(tmp_path):
   _make_folder(tmp_path / "ds")
-  ds = data.load_dataset(_cfg(tmp_path, root=str(tmp_path / "ds")))
+  ds = datasets.load_dataset(_cfg(tmp_path, root=str(tmp_path / "ds")))
   assert ds.class_names == ("cat", "dog") and ds.num_classes == 2 and ds.name == "ds"
   assert ds.train_images.shape == (5, 16, 16, 3) and ds.train_images.dtype == np.uint8
   assert ds.test_images.shape == (5, 16, 16, 3)
@@ -50,18 +51,18 @@ def test_folder_shapes_labels_and_resize(tmp_path):
 def test_cache_hit_skips_decoding_and_edit_invalidates(tmp_path, monkeypatch):
   _make_folder(tmp_path / "ds")
   cfg = _cfg(tmp_path, root=str(tmp_path / "ds"))
-  first = data.load_dataset(cfg)
+  first = datasets.load_dataset(cfg)
   assert len([f for f in os.listdir(cfg.cache_dir) if f.endswith(".npz")]) == 2
 
   def fail(*args):
     raise AssertionError("decoded although cached")
-  monkeypatch.setattr(data, "_decode_image", fail)
-  second = data.load_dataset(cfg)
+  monkeypatch.setattr(datasets, "_decode_image", fail)
+  second = datasets.load_dataset(cfg)
   np.testing.assert_array_equal(first.train_images, second.train_images)
   assert second.class_names == first.class_names
   _save(str(tmp_path / "ds/train/dog/c.jpg"))  # an edited folder must be decoded again
   with pytest.raises(AssertionError, match="decoded although cached"):
-    data.load_dataset(cfg)
+    datasets.load_dataset(cfg)
 
 
 @pytest.mark.parametrize("breakage, field", [
@@ -90,8 +91,8 @@ def test_folder_errors_name_the_field(tmp_path, breakage, field):
     os.rename(root / "test/dog", root / "test/wolf")
   elif breakage == "missing_test_split":
     os.rename(root / "test", root / "val")
-  with pytest.raises(data.DataError) as e:
-    data.load_dataset(_cfg(tmp_path, root=str(root)))
+  with pytest.raises(datasets.DataError) as e:
+    datasets.load_dataset(_cfg(tmp_path, root=str(root)))
   message = str(e.value)
   assert message.startswith(field + ":") and "\n" not in message, message
   if breakage == "truncated_jpeg":
@@ -109,15 +110,15 @@ def test_folder_errors_name_the_field(tmp_path, breakage, field):
     (dict(kind="tfds", name=""), "dataset.name"),
 ])
 def test_config_errors_name_the_field(tmp_path, fields, field):
-  with pytest.raises(data.DataError, match="^" + field.replace(".", r"\.") + ":"):
-    data.check_dataset_config(_cfg(tmp_path, **fields))
+  with pytest.raises(datasets.DataError, match="^" + field.replace(".", r"\.") + ":"):
+    datasets.check_dataset_config(_cfg(tmp_path, **fields))
 
 
 def test_default_config_finds_shared_tarball_from_repo_root():
   cfg = config_base.base_config().dataset  # tarball is relative: resolved from the repo root
-  if not os.path.isfile(data._tarball_path(cfg)):
+  if not os.path.isfile(datasets._tarball_path(cfg)):
     pytest.skip("no ../shared/data/cifar10_jpg.tar.gz next to this checkout")
-  data.check_dataset_config(cfg)
+  datasets.check_dataset_config(cfg)
 
 
 def _make_tarball(tmp_path, classes=("airplane", "cat")):
@@ -134,7 +135,7 @@ def _make_tarball(tmp_path, classes=("airplane", "cat")):
 
 def test_shared_cifar10_tiny_tarball(tmp_path):
   cfg = _cfg(tmp_path, kind="shared_cifar10", tarball=_make_tarball(tmp_path), image_size=32)
-  ds = data.load_dataset(cfg)
+  ds = datasets.load_dataset(cfg)
   assert ds.name == "cifar10" and ds.class_names == ("airplane", "cat")
   assert ds.train_images.shape == (6, 32, 32, 3) and ds.test_images.shape == (4, 32, 32, 3)
   assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_labels.tolist() == [0, 0, 1, 1]
@@ -144,8 +145,8 @@ def test_shared_cifar10_tiny_tarball(tmp_path):
 def test_shared_cifar10_corrupt_tarball(tmp_path):
   path = tmp_path / "bad.tar.gz"
   path.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
-  with pytest.raises(data.DataError, match=r"^dataset\.tarball: cannot read"):
-    data.load_dataset(_cfg(tmp_path, kind="shared_cifar10", tarball=str(path)))
+  with pytest.raises(datasets.DataError, match=r"^dataset\.tarball: cannot read"):
+    datasets.load_dataset(_cfg(tmp_path, kind="shared_cifar10", tarball=str(path)))
 
 
 class TinyImages(tfds.core.GeneratorBasedBuilder):
@@ -168,15 +169,15 @@ class TinyImages(tfds.core.GeneratorBasedBuilder):
 def test_tfds_prepared_array_record_without_tensorflow(tmp_path):
   TinyImages(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
   cfg = _cfg(tmp_path, kind="tfds", name="tiny_images", data_dir=str(tmp_path / "tfds"))
-  ds = data.load_dataset(cfg)
+  ds = datasets.load_dataset(cfg)
   assert ds.class_names == ("a", "b", "c") and ds.name == "tiny_images"
   assert ds.train_images.shape == (12, 16, 16, 3) and ds.test_images.shape == (6, 16, 16, 3)
   assert sorted(np.bincount(ds.train_labels).tolist()) == [4, 4, 4]
   for image, label in zip(ds.train_images, ds.train_labels):  # gray 8x8 -> RGB 16x16, one value
     assert len(np.unique(image)) == 1 and image[0, 0, 0] % 10 == 0 and (image[0, 0, 0] // 10) % 3 == label
   cfg.test_split = "validation"
-  with pytest.raises(data.DataError, match=r"^dataset\.test_split: 'validation' is not a split"):
-    data.load_dataset(cfg)
+  with pytest.raises(datasets.DataError, match=r"^dataset\.test_split: 'validation' is not a split"):
+    datasets.load_dataset(cfg)
 
 
 def test_tfds_tfrecord_data_without_tensorflow_is_a_clear_error(tmp_path, monkeypatch):
@@ -185,10 +186,10 @@ def test_tfds_tfrecord_data_without_tensorflow_is_a_clear_error(tmp_path, monkey
   def tfrecord_only(self, split):  # what tfds raises for data prepared in tfrecord format
     raise NotImplementedError("Random access data source for file format tfrecord is not supported")
   monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", tfrecord_only)
-  monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)  # as if TF were absent
+  monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)  # as if TF were absent
   cfg = _cfg(tmp_path, kind="tfds", name="tiny_images", data_dir=str(tmp_path / "tfds"))
-  with pytest.raises(data.DataError, match=r"^dataset\.data_dir: .* not in array_record format"):
-    data.load_dataset(cfg)
+  with pytest.raises(datasets.DataError, match=r"^dataset\.data_dir: .* not in array_record format"):
+    datasets.load_dataset(cfg)
 
 
 def test_tfds_mock_data_reads_through_data_source(tmp_path, monkeypatch):
@@ -196,30 +197,30 @@ def test_tfds_mock_data_reads_through_data_source(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
   cfg = _cfg(tmp_path, kind="tfds", name="cifar10", data_dir=str(tmp_path), image_size=32)
   with tfds.testing.mock_data(num_examples=7):
-    ds = data.load_dataset(cfg)
+    ds = datasets.load_dataset(cfg)
   assert ds.train_images.shape == (7, 32, 32, 3) and ds.num_classes == 10
   assert ds.train_labels.min() >= 0 and ds.train_labels.max() < 10
 
 
 def test_tfds_unprepared_data_dir_never_downloads(tmp_path):
   cfg = _cfg(tmp_path, kind="tfds", name="cifar10", data_dir=str(tmp_path))  # exists, but empty
-  with pytest.raises(data.DataError, match=r"^dataset\.data_dir: tfds dataset 'cifar10' is not prepared"):
-    data.load_dataset(cfg)
+  with pytest.raises(datasets.DataError, match=r"^dataset\.data_dir: tfds dataset 'cifar10' is not prepared"):
+    datasets.load_dataset(cfg)
   for bad_name in ("no_such_dataset_xyz", "a:b:c/d"):
     cfg.name = bad_name
-    with pytest.raises(data.DataError, match=r"^dataset\.name:"):
-      data.load_dataset(cfg)
+    with pytest.raises(datasets.DataError, match=r"^dataset\.name:"):
+      datasets.load_dataset(cfg)
 
 
 def test_stratified_subset(tmp_path):
   labels = np.repeat(np.arange(4), [100, 200, 300, 400])
-  idx = data._stratified_subset(labels, 100, np.random.default_rng(0))
+  idx = datasets._stratified_subset(labels, 100, np.random.default_rng(0))
   assert len(idx) == 100 and len(set(idx)) == 100 and (np.diff(idx) > 0).all()
   assert np.bincount(labels[idx]).tolist() == [10, 20, 30, 40]
-  np.testing.assert_array_equal(idx, data._stratified_subset(labels, 100, np.random.default_rng(0)))
-  assert not np.array_equal(idx, data._stratified_subset(labels, 100, np.random.default_rng(1)))
+  np.testing.assert_array_equal(idx, datasets._stratified_subset(labels, 100, np.random.default_rng(0)))
+  assert not np.array_equal(idx, datasets._stratified_subset(labels, 100, np.random.default_rng(1)))
   _make_folder(tmp_path / "ds")
-  ds = data.load_dataset(_cfg(tmp_path, root=str(tmp_path / "ds"), max_train_examples=3,
+  ds = datasets.load_dataset(_cfg(tmp_path, root=str(tmp_path / "ds"), max_train_examples=3,
                               max_test_examples=2))
   assert len(ds.train_labels) == 3 and sorted(ds.train_labels.tolist()) in ([0, 0, 1], [0, 1, 1])
   assert sorted(ds.test_labels.tolist()) == [0, 1]
@@ -227,13 +228,13 @@ def test_stratified_subset(tmp_path):
 
 def test_normalize_roundtrip_numpy_and_jax():
   x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
-  y = data.normalize(x)
-  assert y.dtype == np.float32 and y.min() == data.PIXEL_MIN and y.max() == data.PIXEL_MAX
-  np.testing.assert_array_equal(data.denormalize(y), x)
-  yj = data.normalize(jnp.asarray(x))
+  y = datasets.normalize(x)
+  assert y.dtype == np.float32 and y.min() == datasets.PIXEL_MIN and y.max() == datasets.PIXEL_MAX
+  np.testing.assert_array_equal(datasets.denormalize(y), x)
+  yj = datasets.normalize(jnp.asarray(x))
   assert isinstance(yj, jnp.ndarray) and yj.dtype == jnp.float32
-  np.testing.assert_array_equal(data.denormalize(yj), x)
-  assert data.denormalize(np.array([-3.0, 3.0])).tolist() == [0, 255]
+  np.testing.assert_array_equal(datasets.denormalize(yj), x)
+  assert datasets.denormalize(np.array([-3.0, 3.0])).tolist() == [0, 255]
 
 
 def test_tfds_labels_out_of_range_are_refused(tmp_path, monkeypatch):
@@ -248,8 +249,8 @@ def test_tfds_labels_out_of_range_are_refused(tmp_path, monkeypatch):
     return records
   monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", with_bad_label)
   cfg = _cfg(tmp_path, kind="tfds", name="tiny_images", data_dir=str(tmp_path / "tfds"))
-  with pytest.raises(data.DataError) as e:
-    data.load_dataset(cfg)
+  with pytest.raises(datasets.DataError) as e:
+    datasets.load_dataset(cfg)
   message = str(e.value)
   assert message.startswith("dataset.train_split: split 'train'") and "outside [0, 3)" in message
   assert "\n" not in message

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from fedmitr_jax import config_base, distill, patches, sharding
-from fedmitr_jax.models import vit
+from fedmitr_jax import config_base, sharding
+from fedmitr_jax.models import patches, vit
+from fedmitr_jax.server import distill
 
 
 def _bank(n=16, classes=5, patches_n=16, teachers=3, seed=0):

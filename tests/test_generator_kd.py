@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmitr_jax import checkpoints, config_base, generator_kd
+from fedmitr_jax import checkpoints, config_base
 from fedmitr_jax.models import vit
+from fedmitr_jax.server import generator_kd
 
 
 def test_generator_makes_images_in_pixel_range():

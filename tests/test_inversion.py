@@ -2,8 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmitr_jax import config_base, ensemble, inversion, patches
-from fedmitr_jax.models import vit
+from fedmitr_jax import config_base
+from fedmitr_jax.models import patches, vit
+from fedmitr_jax.server import ensemble, inversion
 
 
 def _teachers(num=3, classes=10, image_size=16, variant="test/4", seed=0):

@@ -1,11 +1,12 @@
-"""Tests for fedmitr_jax.partition on synthetic labels (10 classes x 500 examples)."""
+"""Tests for fedmitr_jax.data.partition on synthetic labels (10 classes x 500 examples)."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from fedmitr_jax import config_base, partition
+from fedmitr_jax import config_base
+from fedmitr_jax.data import partition
 
 LABELS = np.repeat(np.arange(10), 500)
 KW = dict(alpha=0.5, classes_per_client=2, min_client_examples=10)

@@ -19,8 +19,8 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from fedmitr_jax import config_base, pipeline, pretrained, run_setup
-from fedmitr_jax.models import vit
+from fedmitr_jax import config_base, pipeline, validate
+from fedmitr_jax.models import pretrained, vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NPZ_NAMES = {  # ln1, attention, ln2, mlp module names inside one encoder block
@@ -445,7 +445,7 @@ def test_relative_paths_are_from_the_repo_root():
   assert pretrained.resolve_path("/abs/x.npz") == "/abs/x.npz"
 
 
-# ---- hooks: run_setup.prepare, pipeline.run_clients, the command line -----------------------
+# ---- hooks: validate.prepare, pipeline.run_clients, the command line -----------------------
 
 
 def _folder_config(tmp_path, pretrained_path):
@@ -464,11 +464,11 @@ def _folder_config(tmp_path, pretrained_path):
 
 def test_prepare_checks_the_file_before_writing(tmp_path):
   good = _vit_jax_file(tmp_path, _random_weights(_model("test/4", image_size=32)[1]))  # 8x8 -> 2x2, 10 -> 2 classes
-  run_setup.prepare(_folder_config(tmp_path / "good", good), tmp_path / "work")
+  validate.prepare(_folder_config(tmp_path / "good", good), tmp_path / "work")
   assert (tmp_path / "work" / "config.json").exists()
   bad = _vit_jax_file(tmp_path, _random_weights(_model("Mu/4", image_size=8)[1]), "bad.npz")
-  with pytest.raises(run_setup.InputError, match="^model.pretrained_path: .*embedding/kernel"):
-    run_setup.prepare(_folder_config(tmp_path / "bad", bad), tmp_path / "work_bad")
+  with pytest.raises(validate.InputError, match="^model.pretrained_path: .*embedding/kernel"):
+    validate.prepare(_folder_config(tmp_path / "bad", bad), tmp_path / "work_bad")
   assert not (tmp_path / "work_bad").exists()
 
 
@@ -486,7 +486,7 @@ def test_run_clients_starts_from_the_file(tmp_path, monkeypatch):
     seen["init"] = params
     raise Stop
 
-  monkeypatch.setattr(pipeline.clients, "init_client_state", capture)
+  monkeypatch.setattr(pipeline.training, "init_client_state", capture)
   with pytest.raises(Stop):
     pipeline.run_clients(config, types.SimpleNamespace(num_classes=10), [np.arange(4)], store=None)
   _assert_same_weights(seen["init"], flat)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmitr_jax import checkpoints, config_base, distill, guards
+from fedmitr_jax import checkpoints, config_base, guards
 from fedmitr_jax.models import vit
+from fedmitr_jax.server import distill
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Longer stages than the plain smoke run, so a kill lands inside them, with saves every few steps.

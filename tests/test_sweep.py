@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fedmitr_jax import run_setup, sweep_report
+from fedmitr_jax import sweep_report, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,8 @@ def test_report_files(tmp_path):
 def test_changed_fields_ignores_methods_and_fields_new_to_the_code():
   saved = {"seed": 0, "methods": ["fedavg"], "distill": {"tau": 4.0}}
   same = {"seed": 0, "methods": ["fedavg", "dense"], "distill": {"tau": 4.0, "new_field": 1}}
-  assert run_setup.changed_fields(saved, same) == []
-  assert run_setup.changed_fields(saved, dict(same, distill={"tau": 1.0})) == ["distill.tau"]
+  assert validate.changed_fields(saved, same) == []
+  assert validate.changed_fields(saved, dict(same, distill={"tau": 1.0})) == ["distill.tau"]
 
 
 def test_tiny_sweep_runs_then_reuses(tmp_path):

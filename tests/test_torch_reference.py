@@ -14,8 +14,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fedmitr_jax import config_base, distill, inversion, patches  # noqa: E402
+from fedmitr_jax import config_base  # noqa: E402
+from fedmitr_jax.models import patches
 from fedmitr_jax.models import vit  # noqa: E402
+from fedmitr_jax.server import distill, inversion
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
 _spec = importlib.util.spec_from_file_location("torch_reference", _PATH)

@@ -8,8 +8,9 @@ resumed bank equals an uninterrupted one.
 import jax
 import numpy as np
 
-from fedmitr_jax import checkpoints, inversion, sharding
+from fedmitr_jax import checkpoints, sharding
 from fedmitr_jax.progress import log
+from fedmitr_jax.server import inversion
 
 BANK_KEYS = ("images", "labels", "masks", "teacher_logits", "token_probs")
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fedmitr_jax import data as data_lib
+from fedmitr_jax.data import datasets
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 
@@ -46,7 +46,7 @@ _SAFETENSORS_SKIPPED = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "B
 def resolve_path(path: str) -> str:
   """Relative paths are taken from the repo root, like `dataset.tarball`."""
   path = os.path.expanduser(path)
-  return path if os.path.isabs(path) else os.path.normpath(os.path.join(data_lib.REPO_ROOT, path))
+  return path if os.path.isabs(path) else os.path.normpath(os.path.join(datasets.REPO_ROOT, path))
 
 
 def bf16_to_float32(words: np.ndarray) -> np.ndarray:

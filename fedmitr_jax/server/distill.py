@@ -18,8 +18,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedmitr_jax import checkpoints, clients, guards, patches, sharding
-from fedmitr_jax.progress import Progress, log
+from fedmitr_jax import checkpoints, guards, sharding
+from fedmitr_jax.client import training
+from fedmitr_jax.models import patches
+from fedmitr_jax.progress import log, Progress
 
 
 @flax.struct.dataclass
@@ -33,7 +35,7 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   warmup = max(1, int(cfg.warmup_fraction * total_steps))
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1))
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=clients.decay_mask))
+                     optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=training.decay_mask))
 
 
 def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target):

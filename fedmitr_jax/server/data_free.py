@@ -13,9 +13,10 @@ generator methods synthesise inside their own stage (generator_kd.py).
 import jax
 import jax.numpy as jnp
 
-from fedmitr_jax import checkpoints, distill, evaluate, generator_kd, inversion, sharding, synthetic_bank
+from fedmitr_jax import checkpoints, evaluate, sharding
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
+from fedmitr_jax.server import distill, generator_kd, inversion, synthetic_bank
 
 DATA_FREE = {  # name -> (bank, uses token relabel)
     "dense_kd": ("dense", False),

@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmitr_jax import augment, checkpoints, distill, ensemble, guards, inversion
-from fedmitr_jax.progress import Progress, log
+from fedmitr_jax import checkpoints, guards
+from fedmitr_jax.data import augment
+from fedmitr_jax.progress import log, Progress
+from fedmitr_jax.server import distill, ensemble, inversion
 
 METHODS = ("dense", "coboosting")
 

@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmitr_jax import data as data_lib, ensemble, guards, patches, sharding
+from fedmitr_jax import guards, sharding
+from fedmitr_jax.data import datasets
+from fedmitr_jax.models import patches
 from fedmitr_jax.progress import Progress
+from fedmitr_jax.server import ensemble
 
 
 def keep_counts(num_patches: int, num_stops: int, drop_ratio: float) -> list[int]:
@@ -58,7 +61,7 @@ def init_state(cfg, rng, batch: int, image_size: int, num_patches: int) -> Inver
   # N(0, 1) in normalised space, clipped to the valid range now (not at the first step) so a
   # patch frozen later keeps exactly the pixels it had when it was dropped.
   pixels = jnp.clip(jax.random.normal(rng, (batch, image_size, image_size, 3), jnp.float32),
-                    data_lib.PIXEL_MIN, data_lib.PIXEL_MAX)
+                    datasets.PIXEL_MIN, datasets.PIXEL_MAX)
   keep_idx = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), (batch, num_patches))
   return InversionState(pixels=pixels, opt_state=_adam(cfg).init(pixels), keep_idx=keep_idx,
                         best_pixels=jnp.copy(pixels), best_ce=jnp.full((batch,), jnp.inf))
@@ -88,7 +91,7 @@ def make_inversion_step(model, cfg, image_size: int):
     updates, opt_state = tx.update(grads, state.opt_state, state.pixels)
     # Frozen (dropped) patches: Adam's momentum would still move them, so mask the update.
     frozen = patches.patch_pixel_mask(patches.index_to_mask(state.keep_idx, num_patches), image_size, patch)
-    pixels = jnp.clip(state.pixels + updates * frozen, data_lib.PIXEL_MIN, data_lib.PIXEL_MAX)
+    pixels = jnp.clip(state.pixels + updates * frozen, datasets.PIXEL_MIN, datasets.PIXEL_MAX)
     new = state.replace(pixels=pixels, opt_state=opt_state, best_pixels=best_pixels, best_ce=best_ce)
     return new, {"loss": loss, "ce": ce.mean()}
 

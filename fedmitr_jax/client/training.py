@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmitr_jax import augment, data as data_lib
+from fedmitr_jax.data import augment, datasets
 from fedmitr_jax.progress import Progress
 
 
@@ -72,7 +72,7 @@ def make_client_train_step(model, tx, cfg):
     return loss, correct
 
   def step(state: ClientState, images_u8, labels, mask, total_steps, rng):
-    images = data_lib.normalize(augment.random_crop_flip(rng, images_u8, cfg.crop_padding))
+    images = datasets.normalize(augment.random_crop_flip(rng, images_u8, cfg.crop_padding))
     (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, labels, mask)
     direction, opt_state = tx.update(grads, state.opt_state, state.params)
     lr = warmup_cosine_lr(cfg.lr, state.step, total_steps, cfg.warmup_fraction)

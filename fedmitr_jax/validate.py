@@ -11,9 +11,9 @@ import subprocess
 
 import jax
 
-from fedmitr_jax import (checkpoints, config_base, data as data_lib, partition as partition_lib, pretrained,
-                         sharding)
-from fedmitr_jax.models import vit
+from fedmitr_jax import checkpoints, config_base, sharding
+from fedmitr_jax.data import datasets, partition as partition_lib
+from fedmitr_jax.models import pretrained, vit
 from fedmitr_jax.progress import log
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
@@ -27,7 +27,7 @@ class InputError(ValueError):
 def check_config(config) -> None:
   """Checks that need no data."""
   try:
-    data_lib.check_dataset_config(config.dataset)
+    datasets.check_dataset_config(config.dataset)
     partition_lib.check_partition_config(config.partition)
     vit.build_vit(config.model.variant, 2, image_size=config.dataset.image_size)
     vit.compute_dtype(config.model.dtype)
@@ -66,7 +66,7 @@ def prepare(config, workdir):
   """Validates config and data, then writes config.json and metadata.json. Returns the dataset."""
   check_config(config)
   try:
-    dataset = data_lib.load_dataset(config.dataset, seed=config.seed)
+    dataset = datasets.load_dataset(config.dataset, seed=config.seed)
     partition_lib.check_partition_config(config.partition, len(dataset.train_labels), dataset.num_classes)
     if config.model.pretrained_path:  # a wrong file fails here, not after the partition stage
       check_pretrained(config, dataset.num_classes)

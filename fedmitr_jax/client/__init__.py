@@ -1,0 +1,1 @@
+"""What a client does: local training on its own shard, then one upload."""

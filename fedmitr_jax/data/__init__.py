@@ -1,0 +1,1 @@
+"""Datasets, the checksummed download, the split over clients, augmentation."""

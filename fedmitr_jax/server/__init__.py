@@ -1,0 +1,1 @@
+"""The data-free server: the ensemble, synthesis, the synthetic bank, distillation, baselines."""
