@@ -6,7 +6,7 @@
 # time ratio per batch at this schedule (README "Results: the default job"). Only sparse_kd and fedmitr are trained.
 #   bash benchmarks/equal_time_sparse.sh /work/sweeps/cifar10_cpu_full/alpha0.1_seed0 /tmp/equal_time 2.5
 # Prints "<method> <CLS acc %> <CLS+token acc %> <synthesis s>" per line; compare with the run's own
-# results.json (dense bank: its synthesis_dense time).
+# results.json (dense bank: its inversion_dense time).
 set -euo pipefail
 RUN=${1:?usage: equal_time_sparse.sh RUN_DIR OUT_DIR FACTOR}
 OUT=${2:?usage: equal_time_sparse.sh RUN_DIR OUT_DIR FACTOR}
@@ -26,5 +26,5 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 for m in ("sparse_kd", "fedmitr"):
   x = r["methods"][m]
-  print(m, round(100 * x["test_acc"], 2), round(100 * x["test_acc_cls_token"], 2), round(r["synthesis"]["sparse"]["seconds"]))
+  print(m, round(100 * x["test_acc"], 2), round(100 * x["test_acc_cls_token"], 2), round(r["inversion"]["sparse"]["seconds"]))
 PY

@@ -14,7 +14,7 @@ variant() {
   local name=$1; shift
   local dir="$OUT/$name"
   rm -rf "$dir"; mkdir -p "$dir/stages"
-  for stage in partition clients synthesis_dense synthesis_sparse; do cp -r "$RUN/stages/$stage" "$dir/stages/"; done
+  for stage in partition clients inversion_dense inversion_sparse; do cp -r "$RUN/stages/$stage" "$dir/stages/"; done
   "$PYTHON" -m fedmitr_jax.main --config "configs/cifar10_cpu_full.py:alpha=$ALPHA" --workdir "$dir" \
     --config.seed="$SEED" "--config.methods=('fedmitr',)" "$@" > "$dir.log" 2>&1
   "$PYTHON" -c "import json,sys; r=json.load(open(sys.argv[1]))['methods']['fedmitr']; print(sys.argv[2], round(100*r['test_acc'],2), round(100*r['test_acc_cls_token'],2))" "$dir/results.json" "$name"

@@ -169,7 +169,7 @@ def default_job():
     total = time.perf_counter() - start
     results = json.loads(pathlib.Path(workdir, "results.json").read_text())
   stages = {"clients": results["client_training"]["seconds"]}
-  stages.update({f"synthesis_{k}": v["seconds"] for k, v in results["synthesis"].items()})
+  stages.update({f"inversion_{k}": v["seconds"] for k, v in results["inversion"].items()})
   stages.update({name: m.get("distill_seconds", m.get("server_seconds")) for name, m in results["methods"].items()})
   accuracy = {name: round(100 * m["test_acc"], 2) for name, m in results["methods"].items()}
   return total, {k: round(v, 1) for k, v in stages.items()}, accuracy

@@ -10,6 +10,23 @@ CORE_METHODS = ("fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", 
 GENERATOR_METHODS = ("dense", "coboosting")
 ALL_METHODS = CORE_METHODS + GENERATOR_METHODS
 
+# Allowed values of every choice field: the one table that validation (validate.py) and the
+# modules that branch on a field both read, so a new value is added in one place.
+CHOICES = {
+    "dataset.kind": ("folder", "shared_cifar10", "tfds"),
+    "partition.method": ("dirichlet", "iid", "classes_per_client"),
+    "model.pretrained_input_norm": ("minus_one_one", "imagenet"),
+    "model.dtype": ("float32", "bfloat16"),
+    "clients.mode": ("vmap", "loop"),
+    "clients.optimizer": ("adamw", "sgd"),
+    "inversion.teachers_mode": ("loop", "vmap"),
+    "inversion.dense_mask": ("attention", "all"),
+    "distill.relabel_target": ("token", "image"),
+    "distill.init": ("clients_fedavg", "random"),
+    "eval.ensemble_weighting": ("uniform", "data_size"),
+    "eval.fedavg_weighting": ("uniform", "data_size"),
+}
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

@@ -17,10 +17,10 @@ def client_weights(sizes, weighting: str) -> np.ndarray:
   raise ValueError(f"eval weighting: '{weighting}' is unknown; use 'uniform' or 'data_size'")
 
 
-def fedavg_params(stacked_params, weights):
+def fedavg_params(client_params, weights):
   """One-shot FedAvg: the (weighted) average of the client parameters."""
   w = jnp.asarray(weights, jnp.float32)
-  return jax.tree.map(lambda p: jnp.tensordot(w, p, axes=1), stacked_params)
+  return jax.tree.map(lambda p: jnp.tensordot(w, p, axes=1), client_params)
 
 
 def _batches(num: int, batch_size: int):
@@ -45,9 +45,9 @@ def _predict(model, params, images_u8, token_weight=0.0):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _predict_stacked_probs(model, stacked_params, images_u8):
+def _predict_stacked_probs(model, client_params, images_u8):
   """Softmax of every client, vmapped over the stacked client axis: [K, B, C]."""
-  logits = jax.vmap(lambda p: model.apply({"params": p}, datasets.normalize(images_u8))[0])(stacked_params)
+  logits = jax.vmap(lambda p: model.apply({"params": p}, datasets.normalize(images_u8))[0])(client_params)
   return jax.nn.softmax(logits, axis=-1)
 
 
@@ -59,14 +59,14 @@ def accuracy(model, params, images, labels, batch_size: int, token_weight: float
   return correct / len(images)
 
 
-def client_and_ensemble_accuracy(model, stacked_params, images, labels, batch_size: int, weights):
+def client_and_ensemble_accuracy(model, client_params, images, labels, batch_size: int, weights):
   """Per-client accuracies and the accuracy of the ensemble (mean of the client *softmaxes*)."""
   num_clients = len(weights)
   correct = np.zeros(num_clients, np.int64)
   ensemble_correct = 0
   w = np.asarray(weights, np.float32)[:, None, None]
   for start, stop in _batches(len(images), batch_size):
-    probs = np.asarray(_predict_stacked_probs(model, stacked_params,
+    probs = np.asarray(_predict_stacked_probs(model, client_params,
                                               _padded(images, start, stop, batch_size)))[:, : stop - start]
     truth = labels[start:stop]
     correct += (probs.argmax(-1) == truth[None]).sum(axis=1)

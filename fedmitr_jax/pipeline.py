@@ -1,4 +1,4 @@
-"""The whole run, stage by stage: partition -> clients -> (synthesis -> distillation) -> evaluate.
+"""The whole run, stage by stage: partition -> clients -> (inversion -> distillation) -> evaluate.
 
 Each stage saves its result through `StageStore`; a rerun on the same workdir loads finished
 stages instead of redoing them and resumes an unfinished one from its last save.
@@ -92,13 +92,13 @@ def run_clients(config, dataset, parts, store: StageStore):
   return states.params
 
 
-def run_baseline_eval(config, dataset, sizes, stacked_params, ensemble_weights, fedavg):
+def run_baseline_eval(config, dataset, sizes, client_params, ensemble_weights, fedavg):
   """fedavg, ensemble and every client on the test set."""
   model = client_model(config, dataset)
   e = config.eval
   started = time.perf_counter()
   client_acc, ensemble_acc = evaluate.client_and_ensemble_accuracy(
-      model, stacked_params, dataset.test_images, dataset.test_labels, e.batch_size, ensemble_weights)
+      model, client_params, dataset.test_images, dataset.test_labels, e.batch_size, ensemble_weights)
   ensemble_seconds = time.perf_counter() - started
   started = time.perf_counter()
   fedavg_acc = evaluate.accuracy(model, fedavg, dataset.test_images, dataset.test_labels, e.batch_size)
@@ -113,16 +113,16 @@ def run(config, dataset, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   store = StageStore(workdir)
   parts = run_partition(config, dataset, store, workdir)
-  stacked_params = run_clients(config, dataset, parts, store)
+  client_params = run_clients(config, dataset, parts, store)
   sizes = [len(p) for p in parts]
   weights = evaluate.client_weights(sizes, config.eval.ensemble_weighting)
-  fedavg = evaluate.fedavg_params(stacked_params, evaluate.client_weights(sizes, config.eval.fedavg_weighting))
-  methods, client_rows = run_baseline_eval(config, dataset, sizes, stacked_params, weights, fedavg)
-  student_results, bank_facts, banks = data_free.run_data_free(config, dataset, stacked_params, weights,
+  fedavg = evaluate.fedavg_params(client_params, evaluate.client_weights(sizes, config.eval.fedavg_weighting))
+  methods, client_rows = run_baseline_eval(config, dataset, sizes, client_params, weights, fedavg)
+  student_results, bank_facts, banks = data_free.run_data_free(config, dataset, client_params, weights,
                                                            fedavg, store)
   methods.update(student_results)
   methods = {name: methods[name] for name in config.methods if name in methods}
-  results = {"methods": methods, "clients": client_rows, "synthesis": bank_facts,
+  results = {"methods": methods, "clients": client_rows, "inversion": bank_facts,
              "client_training": store.load_facts("clients"),
              "config": config.to_dict()}
   if jax.process_index() == 0:  # one writer on multi-host runs

@@ -33,16 +33,7 @@ def check_config(config) -> None:
     vit.compute_dtype(config.model.dtype)
   except ValueError as e:
     raise InputError(str(e)) from None
-  if config.clients.mode not in ("vmap", "loop"):
-    raise InputError(f"clients.mode: '{config.clients.mode}' is unknown; use 'vmap' or 'loop'")
-  if config.clients.optimizer not in ("adamw", "sgd"):
-    raise InputError(f"clients.optimizer: '{config.clients.optimizer}' is unknown; use 'adamw' or 'sgd'")
-  for field in ("ensemble_weighting", "fedavg_weighting"):
-    if config.eval[field] not in ("uniform", "data_size"):
-      raise InputError(f"eval.{field}: '{config.eval[field]}' is unknown; use 'uniform' or 'data_size'")
-  choices = {"distill.init": ("clients_fedavg", "random"), "distill.relabel_target": ("token", "image"),
-             "inversion.teachers_mode": ("loop", "vmap"), "inversion.dense_mask": ("attention", "all")}
-  for field, allowed in choices.items():
+  for field, allowed in config_base.CHOICES.items():
     section, name = field.split(".")
     if config[section][name] not in allowed:
       raise InputError(f"{field}: '{config[section][name]}' is unknown; use one of {list(allowed)}")

@@ -157,9 +157,9 @@ def test_finished_stages_are_loaded_and_distillation_runs_on_both_processes(runs
   _, two, procs = runs
   out = procs[0][1]
   assert "over 2 process(es)" in out
-  for stage in ("partition", "clients", "synthesis_sparse"):
+  for stage in ("partition", "clients", "inversion_sparse"):
     assert f"[{stage}] loaded from checkpoint" in out, stage
-  assert "[clients] step" not in out and "[synthesis_sparse 1/2] step" not in out
+  assert "[clients] step" not in out and "[inversion_sparse 1/2] step" not in out
   for stage in DISTILLED:
     assert f"[{stage}] step 4/4" in out, stage
     assert (two / "stages" / stage / "DONE").exists()

@@ -36,13 +36,13 @@ def test_smoke_run_writes_all_results_and_pictures(smoke_run):
   assert len(results["clients"]) == 3
   assert sum(c["num_examples"] for c in results["clients"]) == 600
   assert results["config"]["model"]["variant"] == "test/8"
-  assert results["synthesis"]["sparse"]["tokens_per_stage"] == [16, 11, 7, 4]
+  assert results["inversion"]["sparse"]["tokens_per_stage"] == [16, 11, 7, 4]
   for name in ("results.md", "partition.png", "partition.json", "synthetic_sparse.png",
                "synthetic_dense.png", "config.json", "metadata.json"):
     assert (workdir / name).stat().st_size > 0, name
   metadata = json.loads((workdir / "metadata.json").read_text())
   assert metadata["packages"]["jax"] and metadata["device_count"] == 1
-  for stage in ("partition", "clients", "synthesis_dense", "synthesis_sparse", "distill_fedmitr"):
+  for stage in ("partition", "clients", "inversion_dense", "inversion_sparse", "distill_fedmitr"):
     assert (workdir / "stages" / stage / "DONE").exists()
 
 
@@ -51,10 +51,10 @@ def test_rerun_reuses_every_finished_stage(smoke_run):
   before = json.loads((workdir / "results.json").read_text())
   second = run_main(workdir)
   assert second.returncode == 0, second.stderr[-3000:]
-  for stage in ("partition", "clients", "synthesis_dense", "synthesis_sparse", "distill_fedmitr",
+  for stage in ("partition", "clients", "inversion_dense", "inversion_sparse", "distill_fedmitr",
                 "distill_dense", "distill_coboosting"):
     assert f"[{stage}] loaded from checkpoint" in second.stdout
-  assert "[clients] step" not in second.stdout and "[synthesis_sparse 1/2] step" not in second.stdout
+  assert "[clients] step" not in second.stdout and "[inversion_sparse 1/2] step" not in second.stdout
   after = json.loads((workdir / "results.json").read_text())
   assert {k: v["test_acc"] for k, v in after["methods"].items()} == \
          {k: v["test_acc"] for k, v in before["methods"].items()}
@@ -66,7 +66,7 @@ def test_unfinished_client_stage_resumes_from_its_last_save(smoke_run, tmp_path)
   workdir, _ = smoke_run
   copy = tmp_path / "copy"
   subprocess.run(["cp", "-r", str(workdir), str(copy)], check=True)
-  for stage in ("clients", "synthesis_dense", "synthesis_sparse", "distill_dense_kd", "distill_sparse_kd",
+  for stage in ("clients", "inversion_dense", "inversion_sparse", "distill_dense_kd", "distill_sparse_kd",
                 "distill_dense_relabel", "distill_fedmitr", "distill_dense", "distill_coboosting"):
     (copy / "stages" / stage / "DONE").unlink()
   subprocess.run(["rm", "-rf", str(copy / "stages" / "clients" / "result")], check=True)

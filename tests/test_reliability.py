@@ -107,22 +107,22 @@ def test_sigkill_in_every_stage_then_resume_gives_the_same_results(reference, tm
   junk.mkdir(parents=True)
   (junk / "_CHECKPOINT_METADATA").write_text("{truncated")
   # 2. Rerun, killed during synthesis.
-  out = run_and_kill(workdir, "[synthesis_sparse 2/2] step 4/")
+  out = run_and_kill(workdir, "[inversion_sparse 2/2] step 4/")
   expect_resumed(out, "clients", client_saves)
   assert "[partition] loaded from checkpoint" in out
-  bank_saves = finished_saves(workdir, "synthesis_sparse")
+  bank_saves = finished_saves(workdir, "inversion_sparse")
   assert bank_saves == [1], bank_saves  # batch 1 of 2 was saved before batch 2 started
   # 3. Rerun, killed during distillation.
   out = run_and_kill(workdir, "[distill_fedmitr] step 6/")
   assert "[clients] loaded from checkpoint" in out and "[clients] step" not in out
-  expect_resumed(out, "synthesis_sparse", bank_saves, unit="batch")
-  assert "[synthesis_sparse 1/2]" not in out  # the saved batch is not redone
+  expect_resumed(out, "inversion_sparse", bank_saves, unit="batch")
+  assert "[inversion_sparse 1/2]" not in out  # the saved batch is not redone
   distill_saves = finished_saves(workdir, "distill_fedmitr")
   assert distill_saves, "killed before the first distillation save"
   # 4. Rerun to the end: nothing finished is redone, and the answer is the uninterrupted one.
   final = run(workdir)
   assert final.returncode == 0, final.stderr[-3000:]
-  for stage in ("partition", "clients", "synthesis_sparse", "distill_sparse_kd"):
+  for stage in ("partition", "clients", "inversion_sparse", "distill_sparse_kd"):
     assert f"[{stage}] loaded from checkpoint" in final.stdout
   expect_resumed(final.stdout, "distill_fedmitr", distill_saves)
   assert accuracies(workdir) == accuracies(reference)

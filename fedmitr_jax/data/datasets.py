@@ -19,14 +19,16 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile
 
+from fedmitr_jax import config_base
+
 # A truncated JPEG must raise, not load with a grey bottom half (another library may flip this).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-KINDS = ("folder", "shared_cifar10", "tfds")
+KINDS = config_base.CHOICES["dataset.kind"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # images are normalised to [-1, 1]
 PIXEL_MIN, PIXEL_MAX = -1.0, 1.0              # valid range in normalised space (clip inverted pixels)
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fedmitr_jax/data/ -> repo
 _LAYOUT = "root/<split>/<class>/*.jpg"
 _CHUNK, _PROGRESS_EVERY = 1000, 10_000  # images per decode step; a progress line every 10k images
 

@@ -7,7 +7,9 @@ import os
 
 import numpy as np
 
-METHODS = ("dirichlet", "iid", "classes_per_client")
+from fedmitr_jax import config_base
+
+METHODS = config_base.CHOICES["partition.method"]
 MAX_REDRAWS = 1000  # dirichlet: redraws allowed before min_client_examples is declared unreachable
 
 

@@ -48,7 +48,7 @@ def load_or_train(store, stage: str, init, train, max_to_keep: int = 2):
   return params, facts
 
 
-def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store):
+def run_data_free(config, dataset, client_params, weights, fedavg_params, store):
   """Returns {method: {test_acc, test_acc_cls_token, seconds, ...}} for the data-free methods."""
   wanted = [m for m in config.methods if m in DATA_FREE]
   image_size, num_classes = config.dataset.image_size, dataset.num_classes
@@ -60,13 +60,13 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
   banks = {}
   for kind in sorted({DATA_FREE[m][0] for m in wanted}):
     banks[kind] = synthetic_bank.build_bank(
-        f"synthesis_{kind}", inverter, teacher_params, weights, num_classes=num_classes,
+        f"inversion_{kind}", inverter, client_params, weights, num_classes=num_classes,
         seed=config.seed, sparse=kind == "sparse", store=store)
   results = {}
   for method in [m for m in config.methods if m in generator_kd.METHODS]:
     stage = f"distill_{method}"
     params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
-        generator_kd.train(method, config, teacher, student, teacher_params,
+        generator_kd.train(method, config, teacher, student, client_params,
                            jnp.asarray(weights, jnp.float32), init, stage=stage, manager=m)), max_to_keep=1)
     acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, config.eval.batch_size)
     results[method] = {"test_acc": acc, "server_seconds": facts["seconds"], "rounds": facts["rounds"],
@@ -86,7 +86,7 @@ def run_data_free(config, dataset, teacher_params, weights, fedavg_params, store
     acc_tok = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size,
                                 token_weight=config.distill.eval_token_weight)
     results[method] = {"test_acc": acc, "test_acc_cls_token": acc_tok,
-                       "synthesis_seconds": bank_facts["seconds"], "distill_seconds": facts["seconds"],
+                       "inversion_seconds": bank_facts["seconds"], "distill_seconds": facts["seconds"],
                        "server_seconds": bank_facts["seconds"] + facts["seconds"],
                        "bank_images": bank_facts["images"],
                        "kept_fraction": bank_facts["mean_kept_fraction"]}

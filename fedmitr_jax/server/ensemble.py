@@ -8,19 +8,19 @@ import jax
 import jax.numpy as jnp
 
 
-def per_teacher(model, stacked_params, images, keep_idx, need_attention, mode):
+def per_teacher(model, client_params, images, keep_idx, need_attention, mode):
   """Runs every teacher; returns (logits [K,B,C], out with leading K axis)."""
   apply = lambda p: model.apply({"params": p}, images, keep_idx=keep_idx, return_attention=need_attention)
   if mode == "vmap":
-    return jax.vmap(apply)(stacked_params)
+    return jax.vmap(apply)(client_params)
   if mode == "loop":
-    num = jax.tree.leaves(stacked_params)[0].shape[0]
-    results = [apply(jax.tree.map(lambda x: x[k], stacked_params)) for k in range(num)]
+    num = jax.tree.leaves(client_params)[0].shape[0]
+    results = [apply(jax.tree.map(lambda x: x[k], client_params)) for k in range(num)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
   raise ValueError(f"inversion.teachers_mode: '{mode}' is unknown; use 'loop' or 'vmap'")
 
 
-def ensemble_outputs(model, stacked_params, weights, images, *, keep_idx=None, mode="loop",
+def ensemble_outputs(model, client_params, weights, images, *, keep_idx=None, mode="loop",
                      need_attention=False, need_tokens=False, temperature=1.0):
   """Returns a dict with
     log_probs     [B, C]     log of the weighted mean of client softmaxes (for CE to targets)
@@ -28,7 +28,7 @@ def ensemble_outputs(model, stacked_params, weights, images, *, keep_idx=None, m
     cls_attention [B, n]     CLS->patch attention of the last block, mean over heads and teachers
     token_probs   [B, n, C]  mean over teachers of softmax(head(token_i) / temperature)
   """
-  logits, out = per_teacher(model, stacked_params, images, keep_idx, need_attention, mode)
+  logits, out = per_teacher(model, client_params, images, keep_idx, need_attention, mode)
   w = weights[:, None, None]
   result = {
       # log(sum_k w_k p_k) computed stably: logsumexp over teachers of log w_k + log p_k.

@@ -66,10 +66,10 @@ class GenState:
   best_loss: jnp.ndarray
 
 
-def ensemble_logits(model, teacher_params, weights, images, mode):
+def ensemble_logits(model, client_params, weights, images, mode):
   """The baselines' ensemble: the weighted mean of client *logits* (DENSE's `Ensemble_A`,
   Co-Boosting's E_w), not our mean of softmaxes."""
-  logits, _ = ensemble.per_teacher(model, teacher_params, images, None, False, mode)
+  logits, _ = ensemble.per_teacher(model, client_params, images, None, False, mode)
   return jnp.tensordot(weights / jnp.sum(weights), logits, axes=1)
 
 
@@ -95,17 +95,17 @@ def generator_loss(method, cfg, teacher_logits, student_logits, labels):
 def make_generator_step(method, cfg, generator, teacher, student, mode):
   tx = optax.chain(optax.clip_by_global_norm(cfg.g_grad_clip), optax.adam(cfg.lr_g, b1=0.5, b2=0.999))
 
-  def loss_fn(gen_and_z, labels, teacher_params, weights, student_params, rng):
+  def loss_fn(gen_and_z, labels, client_params, weights, student_params, rng):
     gen_params, z = gen_and_z
     images, _ = generator.apply({"params": gen_params}, z, mutable=["batch_stats"])
     augmented = augment.random_crop_flip(rng, images, cfg.crop_padding)
-    t_logits = ensemble_logits(teacher, teacher_params, weights, augmented, mode)
+    t_logits = ensemble_logits(teacher, client_params, weights, augmented, mode)
     s_logits, _ = student.apply({"params": student_params}, augmented)
     return generator_loss(method, cfg, t_logits, s_logits, labels), images
 
-  def step(state: GenState, labels, teacher_params, weights, student_params, rng):
+  def step(state: GenState, labels, client_params, weights, student_params, rng):
     (loss, images), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        (state.params, state.z), labels, teacher_params, weights, student_params, rng)
+        (state.params, state.z), labels, client_params, weights, student_params, rng)
     better = loss < state.best_loss  # DENSE keeps the lowest-loss batch of the round
     updates, opt_state = tx.update(grads, state.opt_state, (state.params, state.z))
     params, z = optax.apply_updates((state.params, state.z), updates)
@@ -124,30 +124,30 @@ def make_generator_step(method, cfg, generator, teacher, student, mode):
   return init, jax.jit(step, donate_argnums=0)
 
 
-def ods_perturb(teacher, teacher_params, weights, images, rng, *, eps, tau, mode):
+def ods_perturb(teacher, client_params, weights, images, rng, *, eps, tau, mode):
   """Output-diversified sampling (Co-Boosting's KD): one signed-gradient step of size eps that
   moves the ensemble's tempered softmax along a random direction r ~ U(-1, 1)^C."""
   r = jax.random.uniform(rng, (images.shape[0], teacher.num_classes), minval=-1.0, maxval=1.0)
   direction = jax.grad(lambda x: jnp.sum(
-      r * jax.nn.softmax(ensemble_logits(teacher, teacher_params, weights, x, mode) / tau)))(images)
+      r * jax.nn.softmax(ensemble_logits(teacher, client_params, weights, x, mode) / tau)))(images)
   return images + eps * jnp.sign(direction)
 
 
 def make_kd_step(method, cfg, tx, teacher, student, mode):
   tau = cfg.dense_tau if method == "dense" else cfg.coboost_tau
 
-  def loss_fn(student_params, images, teacher_params, weights, rng):
+  def loss_fn(student_params, images, client_params, weights, rng):
     aug_rng, ods_rng = jax.random.split(rng)
     images = augment.random_crop_flip(aug_rng, images, cfg.crop_padding)
     if method == "coboosting" and cfg.ods_eps:
-      images = ods_perturb(teacher, teacher_params, weights, images, ods_rng, eps=cfg.ods_eps, tau=tau,
+      images = ods_perturb(teacher, client_params, weights, images, ods_rng, eps=cfg.ods_eps, tau=tau,
                            mode=mode)
-    t_logits = ensemble_logits(teacher, teacher_params, weights, images, mode)
+    t_logits = ensemble_logits(teacher, client_params, weights, images, mode)
     s_logits, _ = student.apply({"params": student_params}, images)
     return tau ** 2 * jnp.mean(kl(t_logits, s_logits, tau))
 
-  def step(state: distill.StudentState, images, teacher_params, weights, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, images, teacher_params, weights, rng)
+  def step(state: distill.StudentState, images, client_params, weights, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, images, client_params, weights, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return distill.StudentState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                                 step=state.step + 1), loss
@@ -159,13 +159,13 @@ def make_reweight(cfg, teacher, mode, batch_size):
   """Co-Boosting's ensemble re-weighting: one signed-gradient step of the pool's CE in w."""
 
   @jax.jit
-  def grad_on_batch(weights, images, labels, teacher_params):
+  def grad_on_batch(weights, images, labels, client_params):
     ce = lambda w: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-        ensemble_logits(teacher, teacher_params, w, images, mode), labels))
+        ensemble_logits(teacher, client_params, w, images, mode), labels))
     return jax.grad(ce)(weights)
 
-  def reweight(weights, initial, images, labels, teacher_params, round_index):
-    grad = sum(grad_on_batch(weights, images[i:i + batch_size], labels[i:i + batch_size], teacher_params)
+  def reweight(weights, initial, images, labels, client_params, round_index):
+    grad = sum(grad_on_batch(weights, images[i:i + batch_size], labels[i:i + batch_size], client_params)
                for i in range(0, len(labels), batch_size))
     w = weights - cfg.reweight_lr * cfg.reweight_decay ** round_index * jnp.sign(grad)
     return jnp.clip(initial + jnp.clip(w - initial, -1.0, 1.0), 0.0, 1.0)
@@ -179,7 +179,7 @@ def pool_batch(filled: int, batch: int, seed: int, round_index: int, step: int) 
   return order[(step * batch + np.arange(batch)) % filled]
 
 
-def train(method, config, teacher, student, teacher_params, weights, init_params, *, stage, manager):
+def train(method, config, teacher, student, client_params, weights, init_params, *, stage, manager):
   """Runs the method; returns (student params, facts). Resumes from `manager`'s last round."""
   cfg, inv, dcfg = config.generator_kd, config.inversion, config.distill
   rounds, batch, num_classes = inv.num_batches, inv.batch_size, student.num_classes
@@ -213,17 +213,17 @@ def train(method, config, teacher, student, teacher_params, weights, init_params
     labels = inversion.balanced_labels(config.seed * 100_003 + r, batch, num_classes)
     gen = gen_init(jax.random.fold_in(round_rng, 0), batch)  # DENSE re-initialises G every round
     for g in range(cfg.g_steps):
-      gen, g_loss = gen_step(gen, labels, teacher_params, w, student_state.params,
+      gen, g_loss = gen_step(gen, labels, client_params, w, student_state.params,
                              jax.random.fold_in(round_rng, 1 + g))
       guard.update(r + 1, g_loss)
     rows = slice(r * batch, (r + 1) * batch)
     state["images"][rows], state["labels"][rows] = np.asarray(gen.best_images), labels
     filled = (r + 1) * batch
     if method == "coboosting" and r > 0:
-      w = reweight(w, initial_w, state["images"][:filled], state["labels"][:filled], teacher_params, r)
+      w = reweight(w, initial_w, state["images"][:filled], state["labels"][:filled], client_params, r)
     for k in range(kd_per_round):
       idx = pool_batch(filled, dcfg.batch_size, config.seed, r, k)
-      student_state, kd_loss = kd_step(student_state, jnp.asarray(state["images"][idx]), teacher_params,
+      student_state, kd_loss = kd_step(student_state, jnp.asarray(state["images"][idx]), client_params,
                                        w, jax.random.fold_in(round_rng, 100_000 + k))
       guard.update(r + 1, kd_loss)
     guard.check(manager.latest_step())  # steps are counted in rounds here

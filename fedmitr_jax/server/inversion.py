@@ -68,22 +68,22 @@ def init_state(cfg, rng, batch: int, image_size: int, num_patches: int) -> Inver
 
 
 def make_inversion_step(model, cfg, image_size: int):
-  """step(state, labels, teacher_params, weights, rng) -> (state, metrics); pure and jittable."""
+  """step(state, labels, client_params, weights, rng) -> (state, metrics); pure and jittable."""
   patch, tx = model.patch_size, _adam(cfg)
   num_patches = (image_size // patch) ** 2
 
-  def loss_fn(pixels, keep_idx, labels, teacher_params, weights, rng):
+  def loss_fn(pixels, keep_idx, labels, client_params, weights, rng):
     augmented, positions = patches.random_roll_flip(rng, pixels, keep_idx, patch_size=patch,
                                                     max_shift=cfg.jitter_patches, flip=cfg.flip)
-    out = ensemble.ensemble_outputs(model, teacher_params, weights, augmented, keep_idx=positions,
+    out = ensemble.ensemble_outputs(model, client_params, weights, augmented, keep_idx=positions,
                                     mode=cfg.teachers_mode)
     ce = -jnp.take_along_axis(out["log_probs"], labels[:, None], axis=1)[:, 0]
     loss = ce.mean() + cfg.tv_weight * tv_l2(pixels) + cfg.l2_weight * jnp.mean(pixels ** 2)
     return loss, ce
 
-  def step(state: InversionState, labels, teacher_params, weights, rng):
+  def step(state: InversionState, labels, client_params, weights, rng):
     (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.pixels, state.keep_idx, labels, teacher_params, weights, rng)
+        state.pixels, state.keep_idx, labels, client_params, weights, rng)
     # The loss was measured on the current pixels: keep them if they are this image's best so far.
     better = ce < state.best_ce
     best_pixels = jnp.where(better[:, None, None, None], state.pixels, state.best_pixels)
@@ -99,12 +99,12 @@ def make_inversion_step(model, cfg, image_size: int):
 
 
 def make_prune(model, cfg):
-  """prune(pixels, keep_idx, teacher_params, weights, n_keep) -> the top-n_keep of keep_idx by
+  """prune(pixels, keep_idx, client_params, weights, n_keep) -> the top-n_keep of keep_idx by
   ensemble CLS attention, sorted by position."""
 
   @functools.partial(jax.jit, static_argnums=4)
-  def prune(pixels, keep_idx, teacher_params, weights, n_keep):
-    out = ensemble.ensemble_outputs(model, teacher_params, weights, pixels, keep_idx=keep_idx,
+  def prune(pixels, keep_idx, client_params, weights, n_keep):
+    out = ensemble.ensemble_outputs(model, client_params, weights, pixels, keep_idx=keep_idx,
                                     mode=cfg.teachers_mode, need_attention=True)
     _, top = jax.lax.top_k(out["cls_attention"], n_keep)
     return jnp.sort(jnp.take_along_axis(keep_idx, top, axis=1), axis=1)
@@ -116,8 +116,8 @@ def make_soft_labels(model, cfg):
   """Final ensemble outputs on whole images: per-teacher image logits and per-token probs."""
 
   @jax.jit
-  def soft_labels(pixels, teacher_params, weights):
-    logits, out = ensemble.per_teacher(model, teacher_params, pixels, None, False, cfg.teachers_mode)
+  def soft_labels(pixels, client_params, weights):
+    logits, out = ensemble.per_teacher(model, client_params, pixels, None, False, cfg.teachers_mode)
     token_probs = jnp.sum(weights[:, None, None, None] * jax.nn.softmax(out["token_logits"], -1), 0)
     return jnp.swapaxes(logits, 0, 1), token_probs  # [B, K, C], [B, N, C]
 
@@ -141,7 +141,7 @@ class Inverter:
     self.soft_labels = make_soft_labels(model, cfg)
 
 
-def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *, sparse: bool,
+def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *, sparse: bool,
                      stage_name: str, shard=lambda x: x):
   """Inverts one batch. Returns numpy arrays: images, labels, masks [B, N] (kept patches),
   teacher_logits [B, K, C], token_probs [B, N, C], plus the seconds spent and tokens per stage."""
@@ -157,11 +157,11 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
   bounds = [0] + stops + [cfg.iterations]
   for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
     if stage > 0:  # a stop: rank with the current pixels, keep the top, restart the best iterate
-      keep = prune(state.pixels, state.keep_idx, teacher_params, weights, counts[stage])
+      keep = prune(state.pixels, state.keep_idx, client_params, weights, counts[stage])
       state = state.replace(keep_idx=keep, best_pixels=jnp.copy(state.pixels),
                             best_ce=jnp.full_like(state.best_ce, jnp.inf))
     for it in range(start, stop):
-      state, metrics = step(state, labels, teacher_params, weights, jax.random.fold_in(rng, it))
+      state, metrics = step(state, labels, client_params, weights, jax.random.fold_in(rng, it))
       guard.update(it + 1, metrics["loss"])
       if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
         progress.report(it + 1, loss=metrics["loss"], ce=metrics["ce"], tokens=counts[stage])
@@ -172,8 +172,8 @@ def synthesize_batch(inverter: Inverter, teacher_params, weights, labels, rng, *
   if not sparse and cfg.dense_mask == "attention":
     # Dense inversion has no stops; for token relabel, rank its final image the same way.
     for n_keep in keep_counts(num_patches, len(active_stops(cfg, True)), cfg.drop_ratio)[1:]:
-      keep_idx = prune(final, keep_idx, teacher_params, weights, n_keep)
-  teacher_logits, token_probs = inverter.soft_labels(final, teacher_params, weights)
+      keep_idx = prune(final, keep_idx, client_params, weights, n_keep)
+  teacher_logits, token_probs = inverter.soft_labels(final, client_params, weights)
   jax.block_until_ready(token_probs)
   return {  # to_host: the whole batch on every process in multi-process runs
       "images": sharding.to_host(final), "labels": sharding.to_host(labels),

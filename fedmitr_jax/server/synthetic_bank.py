@@ -28,9 +28,9 @@ def _empty_bank(cfg, model, num_classes, num_teachers, image_size):
   }
 
 
-def build_bank(name: str, inverter: inversion.Inverter, teacher_params, weights, *, num_classes,
+def build_bank(name: str, inverter: inversion.Inverter, client_params, weights, *, num_classes,
                seed, sparse: bool, store):
-  """Returns (bank dict of numpy arrays, facts). `name` is the stage name ('synthesis_sparse').
+  """Returns (bank dict of numpy arrays, facts). `name` is the stage name ('inversion_sparse').
   One `inverter` serves both banks, so the dense-shaped steps they share compile once."""
   model, cfg, image_size = inverter.model, inverter.cfg, inverter.image_size
   num_teachers = len(weights)
@@ -40,7 +40,7 @@ def build_bank(name: str, inverter: inversion.Inverter, teacher_params, weights,
     return store.load_result(name, checkpoints.abstract_like(template)), store.load_facts(name)
   mesh = sharding.data_mesh()
   shard = sharding.batch_sharder(mesh, cfg.batch_size, "inversion.batch_size")
-  teacher_params = sharding.replicate(mesh, teacher_params)
+  client_params = sharding.replicate(mesh, client_params)
   weights = sharding.replicate(mesh, np.asarray(weights, np.float32))
   base_rng = jax.random.fold_in(jax.random.key(seed), 3)  # stream 3: synthesis
   with store.progress_manager(name, max_to_keep=1) as manager:
@@ -54,7 +54,7 @@ def build_bank(name: str, inverter: inversion.Inverter, teacher_params, weights,
       # Same seeds for the dense and sparse banks: they differ only by the stops.
       labels = inversion.balanced_labels(seed * 100_003 + b, cfg.batch_size, num_classes)
       out, facts = inversion.synthesize_batch(
-          inverter, teacher_params, weights, labels, jax.random.fold_in(base_rng, b), sparse=sparse, stage_name=f"{name} {b + 1}/{cfg.num_batches}",
+          inverter, client_params, weights, labels, jax.random.fold_in(base_rng, b), sparse=sparse, stage_name=f"{name} {b + 1}/{cfg.num_batches}",
           shard=shard)
       rows = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
       for key in BANK_KEYS:
