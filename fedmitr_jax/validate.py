@@ -210,6 +210,8 @@ FIELD_RULES = {
     "eval.ensemble_weighting": _choice("eval.ensemble_weighting"),
     "eval.fedavg_weighting": _choice("eval.fedavg_weighting"),
 }
+for _field in config_base.CHOICES:  # a choice field added to CHOICES is checked without more code
+  FIELD_RULES.setdefault(_field, _choice(_field))
 
 
 def config_fields(config, prefix: str = "") -> dict:
