@@ -21,7 +21,7 @@ from fedmitr_jax import config_base
 def get_config(arg: str = ""):
   args = config_base.parse_arg(arg, alpha=0.1, clients=5)
   c = config_base.base_config()
-  c.methods = config_base.ALL_METHODS  # the six bank-based methods, DENSE and Co-Boosting
+  c.methods = config_base.ALL_METHODS  # the six default methods, DENSE and Co-Boosting
   c.partition.method = "dirichlet"
   c.partition.alpha = args.alpha
   c.partition.num_clients = args.clients

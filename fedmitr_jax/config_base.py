@@ -5,7 +5,8 @@ Every field a stage reads lives here, so `--config.x=y` on a field that does not
 """
 import ml_collections
 
-# The bank-based methods (the default), then the paper's generator-based competitors (docs/method.md).
+# The default methods: FedAvg, the ensemble and the four synthetic-bank methods; then the paper's
+# generator-based competitors (docs/method.md has the table).
 CORE_METHODS = ("fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr")
 GENERATOR_METHODS = ("dense", "coboosting")
 ALL_METHODS = CORE_METHODS + GENERATOR_METHODS

@@ -31,8 +31,9 @@ def check_config(config) -> None:
   """Checks that need no data: every field against its rule in FIELD_RULES, then the checks that
   span fields (patch size, device count, bank size) and the dataset paths."""
   for field, rule in FIELD_RULES.items():
-    section, _, name = field.rpartition(".")
-    value = config[section][name] if section else config[name]
+    value = config
+    for key in field.split("."):
+      value = value[key]
     if isinstance(rule, Rule):
       message = None if rule.ok(value) else (
           f"{field}: {value!r} is not allowed; use {rule.allowed} (default {_DEFAULTS[field]!r})")
