@@ -4,7 +4,7 @@
 # larger (FACTOR x inversion.num_batches, rounded), while distill.epochs shrinks by the same ratio so
 # the students take the same number of steps as in the run. FACTOR 2.5 is the measured sparse/dense
 # time ratio per batch at this schedule (README "Results: the default job"). Only sparse_kd and fedmitr are trained.
-#   bash benchmarks/equal_time_sparse.sh /work/sweeps/cifar10_cpu_full/alpha0.1_seed0 /tmp/equal_time 2.5
+#   bash benchmarks/equal_time_sparse.sh /tmp/sweeps/cifar10_cpu_full/alpha0.1_seed0 /tmp/equal_time 2.5
 # Prints "<method> <CLS acc %> <CLS+token acc %> <synthesis s>" per line; compare with the run's own
 # results.json (dense bank: its inversion_dense time).
 set -euo pipefail

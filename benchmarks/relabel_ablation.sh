@@ -1,7 +1,7 @@
 #!/bin/bash
 # Token-relabel ablations on one finished sweep run: its partition, clients and synthetic banks are
-# copied into fresh workdirs, so only the fedmitr student is distilled again (~2 min each here).
-#   bash benchmarks/relabel_ablation.sh /work/sweeps/cifar10_cpu_full/alpha0.1_seed0 /tmp/ablate
+# copied into fresh workdirs, so only the fedmitr student is distilled again (~2 min each on a 2-core CPU).
+#   bash benchmarks/relabel_ablation.sh /tmp/sweeps/cifar10_cpu_full/alpha0.1_seed0 /tmp/ablate
 # Prints "<variant> <CLS acc %> <CLS+token acc %>" per line. The run's own alpha and seed are read
 # from its config.json; 'same_as_run' must reproduce the run's fedmitr figure exactly.
 set -euo pipefail

@@ -13,7 +13,7 @@ Figures (`{"figure": name, "value": number, "goal": number}`; ratios are measure
   default_job_seconds        the README's default job, end to end (stages in the JSON line)
   bf16_matmul_vs_torch       JAX bf16 matmul GFLOP/s / PyTorch bf16 matmul GFLOP/s
 PyTorch is optional (`pip install torch==2.13.0`); without it the torch figures are skipped.
-Shapes follow the performance issue: fp32, batch 128, 32 px, patch 4, ViT width 128/depth 4
+Shapes (the performance goals' shapes): fp32, batch 128, 32 px, patch 4, ViT width 128/depth 4
 ('Mi/4') and width 192/depth 6 ('Sm/4'), 5 teachers, 10 classes.
 """
 import argparse
@@ -188,7 +188,7 @@ def main():
   print(json.dumps({"note": "machine", "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
                     "cpus": os.cpu_count(), "jax": jax.__version__}), flush=True)
 
-  # Peak: the best fp32 matmul this machine runs, by XLA or by PyTorch.
+  # Peak: the best fp32 matmul of the machine it runs on, by XLA or by PyTorch.
   jax_fp32 = jax_matmul_gflops(jnp.float32)
   emit("matmul_fp32_gflops_jax", jax_fp32)
   peak = jax_fp32

@@ -2,8 +2,8 @@ r"""PyTorch equivalents of our hot steps, for the speed comparison of benchmarks
 
   python benchmarks/torch_reference.py     # smoke: torch eager vs torch.compile, Mi/4, batch 128
 
-The performance issue compares our inversion and training steps with "an equivalent PyTorch
-implementation of the same model, batch and loss". This module is that implementation, written
+benchmarks/README.md compares our inversion and training steps with an equivalent PyTorch
+implementation of the same model, batch and loss. This module is that implementation, written
 the way a PyTorch user would write it (nn.Module, torch.optim, scaled_dot_product_attention), so
 the comparison is against idiomatic PyTorch and not against a port of our XLA tricks:
 
@@ -431,7 +431,7 @@ def make_inversion_step(teachers, labels, keep_idx, *, pixels=None, image_size=3
 # ---- timing -----------------------------------------------------------------------------------
 def time_fn(fn, warmup=2, iters=10):
   """Median seconds per call of fn() after `warmup` calls (compilation, allocator warm-up; the
-  median because this CPU is shared). PyTorch on CPU runs synchronously, so perf_counter around
+  median because the CPU may be shared). PyTorch on CPU runs synchronously, so perf_counter around
   the call is the whole step."""
   for _ in range(warmup):
     fn()

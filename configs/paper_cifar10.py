@@ -8,8 +8,8 @@ r"""Paper scale, CIFAR-10: ImageNet-pretrained ViT-Ti/16 (or S/16) clients at 22
 
 Args (`:key=value,...`): alpha (0.1 | 0.3 | 0.5), clients (5 | 10), model ('Ti/16' | 'S/16'),
 pretrained (the weights file every client starts from), norm ('imagenet' for DeiT
-.safetensors, 'minus_one_one' for vit_jax/big_vision .npz), data ('shared': the JPEG copy in
-../shared/data, upsampled from 32 to 224 px; 'tfds': tfds `cifar10` prepared under data_dir, also
+.safetensors, 'minus_one_one' for vit_jax/big_vision .npz), data ('shared': the JPEG tarball at
+dataset.tarball, upsampled from 32 to 224 px; 'tfds': tfds `cifar10` prepared under data_dir, also
 upsampled), data_dir. Every kind of dataset is resized to 224 px by data/datasets.py when it is decoded
 (bilinear; decoded once, then cached as a 7.5 GB .npz for the training split).
 Pretrained weights (the paper's clients start from ImageNet-1k weights): DeiT-Ti as timm

@@ -5,7 +5,8 @@ Every field a stage reads lives here, so `--config.x=y` on a field that does not
 """
 import ml_collections
 
-# The methods of SPEC.md's table (the default), then the paper's generator-based competitors.
+# The default methods: FedAvg, the ensemble and the four synthetic-bank methods; then the paper's
+# generator-based competitors (docs/method.md has the table).
 CORE_METHODS = ("fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr")
 GENERATOR_METHODS = ("dense", "coboosting")
 ALL_METHODS = CORE_METHODS + GENERATOR_METHODS
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- data -------------------------------------------------------------------------------
   c.dataset = ml_collections.ConfigDict()
-  # 'shared_cifar10': the offline JPEG copy in ../shared/data, unpacked once and read as a folder;
+  # 'shared_cifar10': the offline CIFAR-10 JPEG tarball at dataset.tarball, decoded straight from it;
   # 'folder': root/<split>/<class>/*.{jpg,png} (OfficeHome, Mini-ImageNet layout);
   # 'tfds': a named tensorflow_datasets dataset already prepared under data_dir (never downloaded).
   c.dataset.kind = "shared_cifar10"

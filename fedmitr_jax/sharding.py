@@ -3,7 +3,7 @@
 We use `jax.jit` with `NamedSharding` (JAX's recommended path; `pmap` is in maintenance mode).
 The mesh axis is 'data'; parameters are replicated, batches split along their first axis.
 `jax.sharding.Mesh` is built directly, with the default (auto) axis type, because
-`jax.make_mesh` now defaults to explicit axes, which broke the ViT's CLS concat (SPEC.md).
+`jax.make_mesh` now defaults to explicit axes, which breaks the ViT's CLS-token concat.
 
 Multi-process runs (`jax.distributed.initialize()`): the mesh spans devices of other processes,
 and `jax.device_put` onto it refuses this process's committed arrays (it would need a cross-host

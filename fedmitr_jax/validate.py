@@ -3,11 +3,14 @@
 All checks run before anything is written, so bad input stops with one line naming the field
 and the fix, and leaves no half-written stage in the workdir.
 """
+import difflib
 import importlib.metadata
 import json
+import math
 import pathlib
 import platform
 import subprocess
+from typing import Any, Callable, NamedTuple
 
 import jax
 
@@ -25,21 +28,25 @@ class InputError(ValueError):
 
 
 def check_config(config) -> None:
-  """Checks that need no data."""
+  """Checks that need no data: every field against its rule in FIELD_RULES, then the checks that
+  span fields (patch size, device count, bank size) and the dataset paths."""
+  for field, rule in FIELD_RULES.items():
+    value = config
+    for key in field.split("."):
+      value = value[key]
+    if isinstance(rule, Rule):
+      message = None if rule.ok(value) else (
+          f"{field}: {value!r} is not allowed; use {rule.allowed} (default {_DEFAULTS[field]!r})")
+    else:
+      message = rule(value, config)
+    if message:
+      raise InputError(message)
   try:
     datasets.check_dataset_config(config.dataset)
     partition_lib.check_partition_config(config.partition)
     vit.build_vit(config.model.variant, 2, image_size=config.dataset.image_size)
-    vit.compute_dtype(config.model.dtype)
   except ValueError as e:
     raise InputError(str(e)) from None
-  for field, allowed in config_base.CHOICES.items():
-    section, name = field.split(".")
-    if config[section][name] not in allowed:
-      raise InputError(f"{field}: '{config[section][name]}' is unknown; use one of {list(allowed)}")
-  unknown = [m for m in config.methods if m not in config_base.ALL_METHODS]
-  if unknown:
-    raise InputError(f"methods: {unknown} unknown; choose from {list(config_base.ALL_METHODS)}")
   try:  # data-parallel stages split their batch over every device
     sharding.check_divisible(config.inversion.batch_size, "inversion.batch_size")
     sharding.check_divisible(config.distill.batch_size, "distill.batch_size")
@@ -49,8 +56,177 @@ def check_config(config) -> None:
   if bank < config.distill.batch_size:
     raise InputError(f"distill.batch_size: {config.distill.batch_size} is larger than the synthetic "
                      f"bank ({bank} images); lower it or raise inversion.num_batches")
-  if config.clients.epochs <= 0 or config.clients.batch_size < 1:
-    raise InputError("clients.epochs and clients.batch_size must be positive; fix the config")
+
+
+# ---- one rule per config field ----------------------------------------------------------------
+# A value either means what its comment in config_base says or stops the run before any stage. A
+# Rule is (ok(value), the allowed values in words); a function (value, config) -> message | None
+# covers fields whose rule reads another field or names the nearest valid choice.
+class Rule(NamedTuple):
+  ok: Callable[[Any], bool]
+  allowed: str
+
+
+def _is_number(v) -> bool:  # bools are ints in Python, but True is never meant as a learning rate
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_at_least(low: int) -> Rule:
+  return Rule(lambda v: _is_int(v) and v >= low, f"an int >= {low}")
+
+
+POSITIVE = Rule(lambda v: _is_number(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
+FRACTION = Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+UNIT = Rule(lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
+TEXT = Rule(lambda v: isinstance(v, str), "a string")
+NAME = Rule(lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+
+
+def _choice(field: str):
+  allowed = config_base.CHOICES[field]
+
+  def check(value, config):
+    if value in allowed:
+      return None
+    return f"{field}: {value!r} is unknown;{_did_you_mean(value, allowed)} use one of {list(allowed)}"
+  return check
+
+
+def _did_you_mean(value, allowed) -> str:
+  close = difflib.get_close_matches(str(value), allowed, n=3, cutoff=0.5)
+  return f" did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _check_methods(methods, config):
+  allowed = config_base.ALL_METHODS
+  if not isinstance(methods, (tuple, list)) or not methods:
+    return f"methods: {methods!r} is empty; list at least one of {list(allowed)}"
+  unknown = [m for m in methods if m not in allowed]
+  if unknown:
+    return (f"methods: {unknown} unknown;{_did_you_mean(unknown[0], allowed)} "
+            f"choose from {list(allowed)}")
+  repeated = sorted({m for m in methods if methods.count(m) > 1})
+  if repeated:
+    return f"methods: {repeated} listed more than once; list each method once"
+  return None
+
+
+def _check_variant(variant, config):
+  try:
+    vit.parse_variant(variant)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _check_stops(stops, config):
+  """SMI's stops: iterations at which sparse inversion drops patches; () = it never drops (dense)."""
+  last = config.inversion.iterations - 1
+  increasing = all(a < b for a, b in zip(stops, stops[1:]))
+  if all(_is_int(s) and 1 <= s <= last for s in stops) and increasing:
+    return None
+  return (f"inversion.stops: {tuple(stops)} is not allowed; use strictly increasing ints in [1, {last}] "
+          f"(below inversion.iterations = {last + 1}), or () to never drop patches")
+
+
+FIELD_RULES = {
+    "seed": _int_at_least(0),
+    "methods": _check_methods,
+    "dataset.kind": _choice("dataset.kind"),
+    "dataset.name": TEXT, "dataset.data_dir": TEXT, "dataset.root": TEXT, "dataset.tarball": TEXT,
+    "dataset.cache_dir": TEXT,  # paths: checked against the disk by datasets.check_dataset_config
+    "dataset.train_split": NAME, "dataset.test_split": NAME,
+    "dataset.image_size": _int_at_least(1),
+    "dataset.max_train_examples": _int_at_least(0), "dataset.max_test_examples": _int_at_least(0),
+    "partition.method": _choice("partition.method"),
+    "partition.num_clients": _int_at_least(1),
+    "partition.alpha": POSITIVE,
+    "partition.classes_per_client": _int_at_least(1),  # <= the class count: checked with the data
+    "partition.min_client_examples": _int_at_least(0),
+    "model.variant": _check_variant,
+    "model.pretrained_path": TEXT,
+    "model.pretrained_input_norm": _choice("model.pretrained_input_norm"),
+    "model.dtype": _choice("model.dtype"),
+    "clients.mode": _choice("clients.mode"),
+    "clients.epochs": POSITIVE,
+    "clients.batch_size": _int_at_least(1),
+    "clients.optimizer": _choice("clients.optimizer"),
+    "clients.lr": POSITIVE,
+    "clients.momentum": FRACTION,
+    "clients.weight_decay": NON_NEGATIVE,
+    "clients.warmup_fraction": FRACTION,
+    "clients.grad_clip": POSITIVE,  # a clip norm of 0 scales every update to 0: nothing would train
+    "clients.crop_padding": _int_at_least(0),
+    "clients.checkpoint_every_steps": _int_at_least(1),
+    "clients.log_every_steps": _int_at_least(1),
+    "inversion.num_batches": _int_at_least(1),
+    "inversion.batch_size": _int_at_least(1),
+    "inversion.iterations": _int_at_least(1),
+    "inversion.stops": _check_stops,
+    "inversion.drop_ratio": FRACTION,  # 1 would drop every patch at the first stop
+    "inversion.lr": POSITIVE,
+    "inversion.beta1": FRACTION, "inversion.beta2": FRACTION,
+    "inversion.tv_weight": NON_NEGATIVE, "inversion.l2_weight": NON_NEGATIVE,
+    "inversion.jitter_patches": _int_at_least(0),
+    "inversion.flip": FLAG,
+    "inversion.teachers_mode": _choice("inversion.teachers_mode"),
+    "inversion.dense_mask": _choice("inversion.dense_mask"),
+    "inversion.log_every": _int_at_least(1),
+    "distill.epochs": POSITIVE,
+    "distill.batch_size": _int_at_least(1),
+    "distill.lr": POSITIVE,
+    "distill.weight_decay": NON_NEGATIVE,
+    "distill.warmup_fraction": FRACTION,
+    "distill.grad_clip": POSITIVE,
+    "distill.tau": POSITIVE,
+    "distill.beta": NON_NEGATIVE,
+    "distill.relabel_target": _choice("distill.relabel_target"),
+    "distill.zero_background": FLAG,
+    "distill.shift_patches": _int_at_least(0),
+    "distill.flip": FLAG,
+    "distill.init": _choice("distill.init"),
+    "distill.eval_token_weight": NON_NEGATIVE,
+    "distill.checkpoint_every_steps": _int_at_least(1),
+    "distill.log_every": _int_at_least(1),
+    "generator_kd.g_steps": _int_at_least(1),
+    "generator_kd.lr_g": POSITIVE,
+    "generator_kd.z_dim": _int_at_least(1),
+    "generator_kd.ngf": _int_at_least(1),
+    "generator_kd.g_grad_clip": POSITIVE,
+    "generator_kd.oh": NON_NEGATIVE, "generator_kd.adv": NON_NEGATIVE,
+    "generator_kd.crop_padding": _int_at_least(0),
+    "generator_kd.dense_tau": POSITIVE, "generator_kd.coboost_tau": POSITIVE,
+    "generator_kd.coboost_adv_tau": POSITIVE,
+    "generator_kd.hard_sample_power": NON_NEGATIVE,
+    "generator_kd.reweight_lr": NON_NEGATIVE,  # 0 keeps the ensemble's weights uniform
+    "generator_kd.reweight_decay": UNIT,
+    "generator_kd.ods_eps": NON_NEGATIVE,  # 0 turns Co-Boosting's perturbation off
+    "eval.batch_size": _int_at_least(1),
+    "eval.ensemble_weighting": _choice("eval.ensemble_weighting"),
+    "eval.fedavg_weighting": _choice("eval.fedavg_weighting"),
+}
+for _field in config_base.CHOICES:  # a choice field added to CHOICES is checked without more code
+  FIELD_RULES.setdefault(_field, _choice(_field))
+
+
+def config_fields(config, prefix: str = "") -> dict:
+  """{'section.name': value} for every leaf field of a config (FIELD_RULES has one rule each)."""
+  fields = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      fields.update(config_fields(value, f"{prefix}{key}."))
+    else:
+      fields[prefix + key] = value
+  return fields
+
+
+_DEFAULTS = config_fields(config_base.base_config())
 
 
 def prepare(config, workdir):

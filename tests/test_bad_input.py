@@ -98,3 +98,130 @@ def test_unknown_method_is_refused(tmp_path):
   config.methods = ("fedavg", "fedmitr", "fedprox")
   with pytest.raises(validate.InputError, match="methods: \\['fedprox'\\]"):
     validate.prepare(config, tmp_path / "work")
+
+
+# ---- values that would run but cannot mean what was typed: one rule per config field ----------
+
+STOPS_RANGE = ("use strictly increasing ints in [1, 99] (below inversion.iterations = 100), "
+               "or () to never drop patches")
+BAD_VALUES = [
+    ("inversion.stops", (10, 20, 30, 200),
+     f"inversion.stops: (10, 20, 30, 200) is not allowed; {STOPS_RANGE}"),
+    ("inversion.stops", (10, 100), f"inversion.stops: (10, 100) is not allowed; {STOPS_RANGE}"),
+    ("inversion.stops", (20, 10), f"inversion.stops: (20, 10) is not allowed; {STOPS_RANGE}"),
+    ("inversion.stops", (10, 10, 20),
+     f"inversion.stops: (10, 10, 20) is not allowed; {STOPS_RANGE}"),
+    ("inversion.stops", (0, 10), f"inversion.stops: (0, 10) is not allowed; {STOPS_RANGE}"),
+    ("clients.lr", -1e-3, "clients.lr: -0.001 is not allowed; use a finite number > 0 (default 0.001)"),
+    ("clients.lr", float("nan"), "clients.lr: nan is not allowed; use a finite number > 0 (default 0.001)"),
+    ("inversion.lr", -0.25, "inversion.lr: -0.25 is not allowed; use a finite number > 0 (default 0.25)"),
+    ("distill.lr", 0.0, "distill.lr: 0.0 is not allowed; use a finite number > 0 (default 0.001)"),
+    ("generator_kd.lr_g", float("inf"),
+     "generator_kd.lr_g: inf is not allowed; use a finite number > 0 (default 0.001)"),
+    ("inversion.drop_ratio", 1.0,
+     "inversion.drop_ratio: 1.0 is not allowed; use a number in [0, 1) (default 0.3)"),
+    ("inversion.drop_ratio", -0.1,
+     "inversion.drop_ratio: -0.1 is not allowed; use a number in [0, 1) (default 0.3)"),
+    ("clients.epochs", 0.0, "clients.epochs: 0.0 is not allowed; use a finite number > 0 (default 2.0)"),
+    ("distill.epochs", -1.0, "distill.epochs: -1.0 is not allowed; use a finite number > 0 (default 20.0)"),
+    ("clients.batch_size", 0, "clients.batch_size: 0 is not allowed; use an int >= 1 (default 64)"),
+    ("inversion.batch_size", 0, "inversion.batch_size: 0 is not allowed; use an int >= 1 (default 64)"),
+    ("distill.batch_size", -8, "distill.batch_size: -8 is not allowed; use an int >= 1 (default 64)"),
+    ("eval.batch_size", 0, "eval.batch_size: 0 is not allowed; use an int >= 1 (default 500)"),
+    ("inversion.iterations", 0, "inversion.iterations: 0 is not allowed; use an int >= 1 (default 100)"),
+    ("inversion.num_batches", 0, "inversion.num_batches: 0 is not allowed; use an int >= 1 (default 2)"),
+    ("generator_kd.g_steps", 0, "generator_kd.g_steps: 0 is not allowed; use an int >= 1 (default 30)"),
+    ("distill.tau", 0.0, "distill.tau: 0.0 is not allowed; use a finite number > 0 (default 4.0)"),
+    ("generator_kd.dense_tau", -20.0,
+     "generator_kd.dense_tau: -20.0 is not allowed; use a finite number > 0 (default 20.0)"),
+    ("distill.beta", -0.5, "distill.beta: -0.5 is not allowed; use a finite number >= 0 (default 0.5)"),
+    ("clients.weight_decay", -0.05,
+     "clients.weight_decay: -0.05 is not allowed; use a finite number >= 0 (default 0.05)"),
+    ("distill.weight_decay", -1.0,
+     "distill.weight_decay: -1.0 is not allowed; use a finite number >= 0 (default 0.05)"),
+    ("clients.warmup_fraction", 1.0,
+     "clients.warmup_fraction: 1.0 is not allowed; use a number in [0, 1) (default 0.05)"),
+    ("distill.warmup_fraction", -0.1,
+     "distill.warmup_fraction: -0.1 is not allowed; use a number in [0, 1) (default 0.05)"),
+    ("clients.grad_clip", 0.0,
+     "clients.grad_clip: 0.0 is not allowed; use a finite number > 0 (default 1.0)"),
+    ("clients.momentum", 1.0, "clients.momentum: 1.0 is not allowed; use a number in [0, 1) (default 0.9)"),
+    ("inversion.beta2", 1.0, "inversion.beta2: 1.0 is not allowed; use a number in [0, 1) (default 0.99)"),
+    ("inversion.tv_weight", -1e-4,
+     "inversion.tv_weight: -0.0001 is not allowed; use a finite number >= 0 (default 0.0001)"),
+    ("inversion.jitter_patches", -1,
+     "inversion.jitter_patches: -1 is not allowed; use an int >= 0 (default 1)"),
+    ("distill.checkpoint_every_steps", 0,
+     "distill.checkpoint_every_steps: 0 is not allowed; use an int >= 1 (default 100)"),
+    ("inversion.log_every", 0, "inversion.log_every: 0 is not allowed; use an int >= 1 (default 25)"),
+    ("generator_kd.reweight_decay", 1.5,
+     "generator_kd.reweight_decay: 1.5 is not allowed; use a number in [0, 1] (default 0.99)"),
+    ("generator_kd.ods_eps", -0.1, "generator_kd.ods_eps: -0.1 is not allowed; use a finite number >= 0 "
+                                   "(default 0.03137254901960784)"),
+    ("seed", -1, "seed: -1 is not allowed; use an int >= 0 (default 0)"),
+    ("dataset.train_split", "",
+     "dataset.train_split: '' is not allowed; use a non-empty string (default 'train')"),
+    ("partition.alpha", -0.5, "partition.alpha: -0.5 is not allowed; use a finite number > 0 (default 0.1)"),
+    ("methods", (), "methods: () is empty; list at least one of ['fedavg', 'ensemble', 'dense_kd', "
+                    "'sparse_kd', 'dense_relabel', 'fedmitr', 'dense', 'coboosting']"),
+    ("methods", ("fedavg", "fedmitr", "fedavg"),
+     "methods: ['fedavg'] listed more than once; list each method once"),
+    ("methods", ("fedavg", "fedmitt"), "methods: ['fedmitt'] unknown; did you mean 'fedmitr'? choose from "
+                                      "['fedavg', 'ensemble', 'dense_kd', 'sparse_kd', 'dense_relabel', "
+                                      "'fedmitr', 'dense', 'coboosting']"),
+    ("clients.mode", "vamp",
+     "clients.mode: 'vamp' is unknown; did you mean 'vmap'? use one of ['vmap', 'loop']"),
+    ("clients.mode", "threads", "clients.mode: 'threads' is unknown; use one of ['vmap', 'loop']"),
+    ("distill.relabel_target", "tokens",
+     "distill.relabel_target: 'tokens' is unknown; did you mean 'token'? use one of ['token', 'image']"),
+    ("dataset.kind", "tfd",
+     "dataset.kind: 'tfd' is unknown; did you mean 'tfds'? use one of ['folder', 'shared_cifar10', 'tfds']"),
+]
+
+
+def _set(config, field, value):
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+
+
+@pytest.mark.parametrize("field,value,line", BAD_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
+def test_value_that_cannot_mean_what_was_typed_is_one_exact_line(tmp_path, field, value, line):
+  config = _config(tmp_path)
+  _set(config, field, value)
+  with pytest.raises(validate.InputError) as err:
+    validate.check_config(config)
+  assert str(err.value) == line
+
+
+def test_every_config_field_has_one_rule_and_its_default_passes(tmp_path):
+  """A new field in config_base needs a rule in validate.FIELD_RULES (this fails until it has one)."""
+  fields = set(validate.config_fields(config_base.base_config()))
+  assert not fields - set(validate.FIELD_RULES), "fields without a rule in validate.FIELD_RULES"
+  assert not set(validate.FIELD_RULES) - fields, "rules for fields config_base no longer has"
+  validate.check_config(_config(tmp_path))  # every default, on a folder dataset that exists
+
+
+@pytest.mark.parametrize("field,value", [
+    ("inversion.stops", ()), ("inversion.stops", (1, 99)), ("inversion.drop_ratio", 0.0),
+    ("distill.beta", 0.0), ("clients.weight_decay", 0.0), ("generator_kd.ods_eps", 0.0),
+    ("clients.lr", 1e30), ("generator_kd.reweight_decay", 1.0),
+])
+def test_edge_values_inside_the_rules_pass(tmp_path, field, value):
+  config = _config(tmp_path)
+  _set(config, field, value)
+  validate.check_config(config)
+
+
+@pytest.mark.slow
+def test_cli_out_of_range_value_stops_before_any_stage(tmp_path):
+  """Through the entry point: exit code 2, the rule's line last on stderr, nothing in the workdir."""
+  workdir = tmp_path / "w"
+  command = [sys.executable, "-m", "fedmitr_jax.main", "--config", str(REPO / "configs/smoke.py"),
+             "--workdir", str(workdir), "--config.inversion.stops=(2,4,60)"]
+  run = subprocess.run(command, cwd=REPO, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 2
+  assert run.stderr.strip().splitlines()[-1] == (
+      "error: inversion.stops: (2, 4, 60) is not allowed; use strictly increasing ints in [1, 7] "
+      "(below inversion.iterations = 8), or () to never drop patches")
+  assert not workdir.exists()

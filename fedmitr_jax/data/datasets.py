@@ -161,7 +161,7 @@ def _list_folder(split_dir: str) -> dict:
 
 def _read_tarball(tarball: str, split: str, size: int):
   """Decodes [<top>/]<split>/<class>/*.jpg straight from the tarball, in memory."""
-  # Not unpacked first: writing 60,000 small files took 5-25 s here, reading the stream 1.6 s.
+  # Not unpacked first: on a 2-core CPU, writing 60,000 small files took 5-25 s, reading the stream 1.6 s.
   files = {}
   try:
     with tarfile.open(tarball) as tar:

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 # size name -> (width, depth, heads, mlp_dim). Ti/S/B follow ViT/DeiT; the rest are for 32-px CPU
-# work ('Mi' and 'Sm' are the width-128/depth-4 and width-192/depth-6 models of SPEC.md's
-# measurements and the performance benchmarks) and tests.
+# work ('Mi' and 'Sm' are the width-128/depth-4 and width-192/depth-6 models of the
+# performance benchmarks, benchmarks/README.md) and tests.
 SIZES = {
     "test": (32, 2, 2, 64),
     "Mu": (64, 3, 2, 128),

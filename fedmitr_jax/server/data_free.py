@@ -1,4 +1,4 @@
-"""The data-free methods of SPEC.md's table, run side by side on the same teachers.
+"""The data-free methods (docs/method.md has the table), run side by side on the same teachers.
 
   method         synthesis   distillation loss
   dense_kd       dense       KL on the CLS head (beta = 0)

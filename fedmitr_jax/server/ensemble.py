@@ -1,7 +1,7 @@
 """The teacher ensemble E(x) = sum_k w_k softmax(f_k(x)) over client parameters stacked on axis 0.
 
 Two ways to run the K teachers inside one jitted function, same maths: 'loop' unrolls the K
-forward passes (fastest on this CPU, SPEC.md), 'vmap' maps one forward over the stacked axis
+forward passes (faster on a 2-core CPU: benchmarks/README.md), 'vmap' maps one forward over the stacked axis
 (one bigger batched matmul per layer, which may win on GPU/TPU). `teachers_mode` picks.
 """
 import jax

@@ -15,7 +15,7 @@ KD steps on batches of the pool with the ensemble's soft labels. They differ in 
            pool's CE, projected to w0 + [-1, 1] and [0, 1];
     KD   = T^2 KL(E_w,T(x') || S_T(x')), T = 4, x' = x + eps sign(grad_x r . softmax(E_w(x)/4))
            with r ~ U(-1, 1) (on-the-fly diversification, ODS).
-ViTs have no BatchNorm, so the BN-statistics term of both papers is absent (as in SPEC.md's
+ViTs have no BatchNorm, so the BN-statistics term of both papers is absent (as in our
 inversion). Budgets are tied to the relabel methods': the pool holds as many images as a
 synthetic bank (rounds = inversion.num_batches of inversion.batch_size) and the student takes as
 many steps (distill.epochs over the bank), spread evenly over the rounds, with distill's
