@@ -406,7 +406,7 @@ def _download_cifar10(cfg, cache_dir: str) -> str:
   if not cfg.download_url:
     raise DataError(f"dataset: no CIFAR-10 copy here and dataset.download_url is ''; "
                     f"{_how_to_get_cifar10(cfg)}")
-  print(f"data: no local CIFAR-10 copy; downloading {cfg.download_url} ({spec.size / 1e6:.0f} MB, "
+  print(f"data: no local CIFAR-10 copy; downloading {cfg.download_url} ({spec.size / 1e6:.1f} MB, "
         f"sha256-checked) into {cache_dir}", flush=True)
   try:
     return download.fetch(spec, cache_dir, cfg.download_url)

@@ -60,9 +60,9 @@ def is_intact(path: str, spec: PinnedFile) -> bool:
   return os.path.isfile(path) and os.path.getsize(path) == spec.size and sha256_of(path) == spec.sha256
 
 
-def fetch(spec: PinnedFile, directory: str, url: str = "", out=sys.stdout) -> str:
+def fetch(spec: PinnedFile, directory: str, url: str = "", out=None) -> str:
   """Returns the path of the intact file in `directory`, downloading it from `url` (default: the
-  official address) only when it is not already there."""
+  official address) only when it is not already there. Progress lines go to `out` (default stdout)."""
   target = os.path.join(directory, spec.name)
   if is_intact(target, spec):
     return target
@@ -71,7 +71,7 @@ def fetch(spec: PinnedFile, directory: str, url: str = "", out=sys.stdout) -> st
   fd, part = tempfile.mkstemp(prefix=spec.name + ".", suffix=".part", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      received, digest = _stream(url, f, spec.size, out)
+      received, digest = _stream(url, f, spec.size, out or sys.stdout)
     if received != spec.size:
       raise DownloadError(f"download of {url} stopped at {received} of {spec.size} bytes (connection "
                           "closed early); nothing was kept, run it again")
