@@ -106,6 +106,8 @@ def test_folder_errors_name_the_field(tmp_path, breakage, field):
     (dict(image_size=0), "dataset.image_size"),
     (dict(max_train_examples=-1), "dataset.max_train_examples"),
     (dict(kind="shared_cifar10", tarball="/no/such.tar.gz"), "dataset.tarball"),
+    (dict(kind="cifar10", train_split="validation"), "dataset.train_split"),
+    (dict(kind="cifar10", download_url="ftp://example.org/c.tgz"), "dataset.download_url"),
     (dict(kind="tfds", data_dir="/no/such/dir"), "dataset.data_dir"),
     (dict(kind="tfds", name=""), "dataset.name"),
 ])

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -233,6 +234,24 @@ def test_local_copies_are_found_in_order_without_network(fresh_machine, tmp_path
   cfg.tarball, cfg.cache_dir = str(jpeg), str(tmp_path / "cache2")
   ds = datasets.load_dataset(cfg)
   assert ds.class_names == CLASSES[:2] and ds.train_images.shape == (2, 32, 32, 3)
+
+
+def test_an_earlier_download_is_used_offline_and_a_corrupt_one_fetched_again(fresh_machine, serve):
+  cfg, tarball, written = fresh_machine
+  earlier = os.path.join(cfg.cache_dir, "cifar-10-binary.tar.gz")
+  os.makedirs(cfg.cache_dir)
+  shutil.copy(tarball, earlier)
+  cfg.download_url = ""  # never download: the intact file in the cache is enough
+  np.testing.assert_array_equal(datasets.load_dataset(cfg).train_labels, written["train"][1])
+  for folder in os.listdir(cfg.cache_dir):  # drop the decoded cache, then damage the download
+    if folder.startswith("cifar10-binary_"):
+      shutil.rmtree(os.path.join(cfg.cache_dir, folder))
+  with open(earlier, "r+b") as f:
+    f.write(b"\0" * 64)
+  server = serve({"/c.tgz": tarball.read_bytes()})
+  cfg.download_url = server.url + "/c.tgz"
+  np.testing.assert_array_equal(datasets.load_dataset(cfg).test_images, written["test"][0])
+  assert server.requests == 1 and pathlib.Path(earlier).read_bytes() == tarball.read_bytes()
 
 
 def test_a_local_binary_copy_that_is_not_the_official_file_is_refused(fresh_machine, monkeypatch):

@@ -341,11 +341,10 @@ def _load_split(cfg, field: str, cache_dir: str):
 
 
 # ---- CIFAR-10: decoded cache -> local copy -> download ------------------------------------------
-def _cifar10_copies(cfg, cache_dir: str) -> tuple[str, ...]:
-  """Where a local copy may be, in lookup order (the last: an earlier download)."""
+def _cifar10_copies(cfg) -> tuple[str, ...]:
+  """Where a local copy may be, in lookup order (an earlier download in the cache comes after these)."""
   name = download.pinned("cifar10").name
-  return (_tarball_path(cfg), os.path.join(REPO_DATA, CIFAR10_JPEG_NAME), os.path.join(REPO_DATA, name),
-          os.path.join(cache_dir, name))
+  return (_tarball_path(cfg), os.path.join(REPO_DATA, CIFAR10_JPEG_NAME), os.path.join(REPO_DATA, name))
 
 
 def _is_binary_copy(path: str) -> bool:
@@ -401,8 +400,12 @@ def _how_to_get_cifar10(cfg) -> str:
 
 
 def _download_cifar10(cfg, cache_dir: str) -> str:
-  """The checksummed official tarball in cache_dir; every failure is one line."""
+  """The checksummed official tarball in cache_dir (an intact earlier download is used as it is, also
+  offline); every failure is one line."""
   spec = download.pinned("cifar10")
+  earlier = os.path.join(cache_dir, spec.name)
+  if download.is_intact(earlier, spec):
+    return earlier
   if not cfg.download_url:
     raise DataError(f"dataset: no CIFAR-10 copy here and dataset.download_url is ''; "
                     f"{_how_to_get_cifar10(cfg)}")
@@ -431,7 +434,7 @@ def _load_cifar10(cfg, cache_dir: str):
       return tuple(_read_split_dir(folders[s]) for s in wanted)
     except (OSError, ValueError) as e:
       print(f"data: cached CIFAR-10 is unreadable ({e}); decoding it again", flush=True)
-  path = next((p for p in _cifar10_copies(cfg, cache_dir) if os.path.isfile(p)), None)
+  path = next((p for p in _cifar10_copies(cfg) if os.path.isfile(p)), None)
   if path is not None and not _is_binary_copy(path):
     return tuple(_jpeg_tarball_split(path, s, cache_dir) for s in wanted)
   field = "dataset.tarball" if path == _tarball_path(cfg) else "dataset"
