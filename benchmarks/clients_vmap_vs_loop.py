@@ -51,7 +51,7 @@ def main():
   model = vit.build_vit(config.model.variant, dataset.num_classes, image_size=config.dataset.image_size)
   tx = training.make_optimizer(config.clients)
   init = vit.init_params(model, jax.random.key(0), config.dataset.image_size)
-  step = training.make_client_train_step(model, tx, config.clients)
+  step = training.make_client_train_step(model, tx, config.clients, config.dataset.image_size)
   rngs = training.client_rngs(0, len(parts))
   timings = {}
   for mode in ("vmap", "loop"):

@@ -8,10 +8,11 @@ r"""Paper scale, CIFAR-10: ImageNet-pretrained ViT-Ti/16 (or S/16) clients at 22
 
 Args (`:key=value,...`): alpha (0.1 | 0.3 | 0.5), clients (5 | 10), model ('Ti/16' | 'S/16'),
 pretrained (the weights file every client starts from), norm ('imagenet' for DeiT
-.safetensors, 'minus_one_one' for vit_jax/big_vision .npz), data ('shared': the JPEG tarball at
-dataset.tarball, upsampled from 32 to 224 px; 'tfds': tfds `cifar10` prepared under data_dir, also
-upsampled), data_dir. Every kind of dataset is resized to 224 px by data/datasets.py when it is decoded
-(bilinear; decoded once, then cached as a 7.5 GB .npz for the training split).
+.safetensors, 'minus_one_one' for vit_jax/big_vision .npz), data ('cifar10', the default: a local
+copy or the checksummed download, docs/data.md; 'shared': only the JPEG copy at dataset.tarball;
+'tfds': tfds `cifar10` prepared under data_dir), data_dir. 'cifar10' and 'shared' keep the images at
+32 px in memory and upsample each batch to 224 px on the device (bilinear); 'tfds' resizes when it
+decodes, so it caches and holds 7.5 GB for the training split.
 Pretrained weights (the paper's clients start from ImageNet-1k weights): DeiT-Ti as timm
 .safetensors, https://huggingface.co/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/model.safetensors
 (S/16: timm/deit_small_patch16_224.fb_in1k), or a vit_jax .npz such as gs://vit_models/augreg/
@@ -32,16 +33,16 @@ synthesis; S/16 costs 3.5x Ti/16.
 """
 from fedmitr_jax import config_base
 
-DATA = ("shared", "tfds")
+DATA = {"cifar10": "cifar10", "shared": "shared_cifar10", "tfds": "tfds"}  # data arg -> dataset.kind
 
 
 def get_config(arg: str = ""):
-  args = config_base.parse_arg(arg, alpha=0.1, clients=5, model="Ti/16", pretrained="", norm="imagenet", data="shared",
-                               data_dir="")
+  args = config_base.parse_arg(arg, alpha=0.1, clients=5, model="Ti/16", pretrained="", norm="imagenet",
+                               data="cifar10", data_dir="")
   if args.data not in DATA:
-    raise ValueError(f"config arg 'data': '{args.data}' is not one of {DATA}")
+    raise ValueError(f"config arg 'data': '{args.data}' is not one of {tuple(DATA)}")
   c = config_base.paper_scale(args, client_epochs=10.0)
-  c.dataset.kind = "shared_cifar10" if args.data == "shared" else "tfds"
+  c.dataset.kind = DATA[args.data]
   c.dataset.name = "cifar10"
   c.dataset.data_dir = args.data_dir
   return c

@@ -14,7 +14,7 @@ ALL_METHODS = CORE_METHODS + GENERATOR_METHODS
 # Allowed values of every choice field: the one table that validation (validate.py) and the
 # modules that branch on a field both read, so a new value is added in one place.
 CHOICES = {
-    "dataset.kind": ("folder", "shared_cifar10", "tfds"),
+    "dataset.kind": ("cifar10", "shared_cifar10", "folder", "tfds"),
     "partition.method": ("dirichlet", "iid", "classes_per_client"),
     "model.pretrained_input_norm": ("minus_one_one", "imagenet"),
     "model.dtype": ("float32", "bfloat16"),
@@ -36,17 +36,23 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- data -------------------------------------------------------------------------------
   c.dataset = ml_collections.ConfigDict()
-  # 'shared_cifar10': the offline CIFAR-10 JPEG tarball at dataset.tarball, decoded straight from it;
+  # 'cifar10' (default): the decoded cache, else a local copy (dataset.tarball, else data/ in the
+  #   repo), else the official tarball downloaded once (checksummed) from download_url; docs/data.md;
+  # 'shared_cifar10': only the JPEG copy at dataset.tarball, never downloaded;
   # 'folder': root/<split>/<class>/*.{jpg,png} (OfficeHome, Mini-ImageNet layout);
   # 'tfds': a named tensorflow_datasets dataset already prepared under data_dir (never downloaded).
-  c.dataset.kind = "shared_cifar10"
+  c.dataset.kind = "cifar10"
   c.dataset.name = "cifar10"           # tfds name (kind='tfds')
   c.dataset.data_dir = ""              # tfds data_dir (kind='tfds'); '' = tfds default
   c.dataset.root = ""                  # folder root (kind='folder')
   c.dataset.tarball = "../shared/data/cifar10_jpg.tar.gz"  # relative paths: from the repo root
+  # Where kind='cifar10' downloads the official binary tarball from when no copy is found (its size
+  # and sha256 are pinned in data/download.py, so a mirror must serve the same file); '' = never download.
+  c.dataset.download_url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
   c.dataset.train_split = "train"
   c.dataset.test_split = "test"
-  c.dataset.image_size = 32
+  c.dataset.image_size = 32            # the model's input size; CIFAR-10 stays 32 px in memory and is
+                                       # resized on the device (bilinear) when this differs
   c.dataset.cache_dir = ""             # '' = $FEDMITR_CACHE or ~/.cache/fedmitr_jax
   c.dataset.max_train_examples = 0     # 0 = all; >0 = a class-stratified, seeded subset (smoke)
   c.dataset.max_test_examples = 0

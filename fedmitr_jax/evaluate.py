@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmitr_jax.data import datasets
+from fedmitr_jax.data import augment, datasets
 
 
 def client_weights(sizes, weighting: str) -> np.ndarray:
@@ -36,38 +36,46 @@ def _padded(images, start, stop, batch_size):
   return chunk
 
 
-@functools.partial(jax.jit, static_argnames=("model", "token_weight"))
-def _predict(model, params, images_u8, token_weight=0.0):
-  logits, out = model.apply({"params": params}, datasets.normalize(images_u8))
+def _model_input(images_u8, image_size):
+  return datasets.normalize(augment.resize_to(images_u8, image_size))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "token_weight", "image_size"))
+def _predict(model, params, images_u8, token_weight=0.0, image_size=None):
+  logits, out = model.apply({"params": params}, _model_input(images_u8, image_size))
   if token_weight:  # LV-ViT inference: cls + w * max over tokens of the token logits
     logits = logits + token_weight * out["token_logits"].max(axis=1)
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _predict_stacked_probs(model, client_params, images_u8):
+@functools.partial(jax.jit, static_argnames=("model", "image_size"))
+def _predict_stacked_probs(model, client_params, images_u8, image_size=None):
   """Softmax of every client, vmapped over the stacked client axis: [K, B, C]."""
-  logits = jax.vmap(lambda p: model.apply({"params": p}, datasets.normalize(images_u8))[0])(client_params)
+  x = _model_input(images_u8, image_size)  # resized once, shared by every client
+  logits = jax.vmap(lambda p: model.apply({"params": p}, x)[0])(client_params)
   return jax.nn.softmax(logits, axis=-1)
 
 
-def accuracy(model, params, images, labels, batch_size: int, token_weight: float = 0.0) -> float:
+def accuracy(model, params, images, labels, batch_size: int, token_weight: float = 0.0,
+             image_size: int | None = None) -> float:
+  """image_size: the model's input size; images of another size are resized on the device."""
   correct = 0
   for start, stop in _batches(len(images), batch_size):
-    logits = _predict(model, params, _padded(images, start, stop, batch_size), token_weight)
+    logits = _predict(model, params, _padded(images, start, stop, batch_size), token_weight, image_size)
     correct += int((np.asarray(logits)[: stop - start].argmax(-1) == labels[start:stop]).sum())
   return correct / len(images)
 
 
-def client_and_ensemble_accuracy(model, client_params, images, labels, batch_size: int, weights):
+def client_and_ensemble_accuracy(model, client_params, images, labels, batch_size: int, weights,
+                                 image_size: int | None = None):
   """Per-client accuracies and the accuracy of the ensemble (mean of the client *softmaxes*)."""
   num_clients = len(weights)
   correct = np.zeros(num_clients, np.int64)
   ensemble_correct = 0
   w = np.asarray(weights, np.float32)[:, None, None]
   for start, stop in _batches(len(images), batch_size):
-    probs = np.asarray(_predict_stacked_probs(model, client_params,
-                                              _padded(images, start, stop, batch_size)))[:, : stop - start]
+    probs = np.asarray(_predict_stacked_probs(model, client_params, _padded(images, start, stop, batch_size),
+                                              image_size))[:, : stop - start]
     truth = labels[start:stop]
     correct += (probs.argmax(-1) == truth[None]).sum(axis=1)
     ensemble_correct += int(((probs * w).sum(0).argmax(-1) == truth).sum())

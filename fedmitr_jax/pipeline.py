@@ -59,7 +59,7 @@ def run_clients(config, dataset, parts, store: StageStore):
     return store.load_result("clients", checkpoints.abstract_like(states.params))
 
   plan = training.plan_batches(parts, cfg.batch_size, cfg.epochs, config.seed)
-  step_fn = training.make_client_train_step(model, tx, cfg)
+  step_fn = training.make_client_train_step(model, tx, cfg, config.dataset.image_size)
   rngs = training.client_rngs(config.seed, len(parts))
   log(f"[clients] {len(parts)} clients, {cfg.mode} mode, steps per client {plan.steps.tolist()}")
   started = time.perf_counter()
@@ -98,10 +98,12 @@ def run_baseline_eval(config, dataset, sizes, client_params, ensemble_weights, f
   e = config.eval
   started = time.perf_counter()
   client_acc, ensemble_acc = evaluate.client_and_ensemble_accuracy(
-      model, client_params, dataset.test_images, dataset.test_labels, e.batch_size, ensemble_weights)
+      model, client_params, dataset.test_images, dataset.test_labels, e.batch_size, ensemble_weights,
+      image_size=config.dataset.image_size)
   ensemble_seconds = time.perf_counter() - started
   started = time.perf_counter()
-  fedavg_acc = evaluate.accuracy(model, fedavg, dataset.test_images, dataset.test_labels, e.batch_size)
+  fedavg_acc = evaluate.accuracy(model, fedavg, dataset.test_images, dataset.test_labels, e.batch_size,
+                                 image_size=config.dataset.image_size)
   # Server-side wall time of each method (client training is shared by all and reported apart).
   methods = {"fedavg": {"test_acc": fedavg_acc, "server_seconds": time.perf_counter() - started},
              "ensemble": {"test_acc": ensemble_acc, "server_seconds": ensemble_seconds}}

@@ -141,6 +141,7 @@ FIELD_RULES = {
     "dataset.kind": _choice("dataset.kind"),
     "dataset.name": TEXT, "dataset.data_dir": TEXT, "dataset.root": TEXT, "dataset.tarball": TEXT,
     "dataset.cache_dir": TEXT,  # paths: checked against the disk by datasets.check_dataset_config
+    "dataset.download_url": TEXT,  # "" = never download
     "dataset.train_split": NAME, "dataset.test_split": NAME,
     "dataset.image_size": _int_at_least(1),
     "dataset.max_train_examples": _int_at_least(0), "dataset.max_test_examples": _int_at_least(0),

@@ -109,7 +109,8 @@ def test_officehome_domain_selects_a_subfolder(dataset_root):
 
 def test_cifar10_data_arg_picks_the_dataset_kind():
   module = load("paper_cifar10")
-  assert module.get_config("").dataset.kind == "shared_cifar10"
+  assert module.get_config("").dataset.kind == "cifar10"
+  assert module.get_config("data=shared").dataset.kind == "shared_cifar10"
   c = module.get_config("data=tfds,data_dir=/d/tfds")
   assert (c.dataset.kind, c.dataset.name, c.dataset.data_dir) == ("tfds", "cifar10", "/d/tfds")
 

@@ -52,7 +52,7 @@ def test_cache_hit_skips_decoding_and_edit_invalidates(tmp_path, monkeypatch):
   _make_folder(tmp_path / "ds")
   cfg = _cfg(tmp_path, root=str(tmp_path / "ds"))
   first = datasets.load_dataset(cfg)
-  assert len([f for f in os.listdir(cfg.cache_dir) if f.endswith(".npz")]) == 2
+  assert len([f for f in os.listdir(cfg.cache_dir) if f.startswith("folder_ds_")]) == 2  # a folder per split
 
   def fail(*args):
     raise AssertionError("decoded although cached")
@@ -106,6 +106,8 @@ def test_folder_errors_name_the_field(tmp_path, breakage, field):
     (dict(image_size=0), "dataset.image_size"),
     (dict(max_train_examples=-1), "dataset.max_train_examples"),
     (dict(kind="shared_cifar10", tarball="/no/such.tar.gz"), "dataset.tarball"),
+    (dict(kind="cifar10", train_split="validation"), "dataset.train_split"),
+    (dict(kind="cifar10", download_url="ftp://example.org/c.tgz"), "dataset.download_url"),
     (dict(kind="tfds", data_dir="/no/such/dir"), "dataset.data_dir"),
     (dict(kind="tfds", name=""), "dataset.name"),
 ])
@@ -139,7 +141,11 @@ def test_shared_cifar10_tiny_tarball(tmp_path):
   assert ds.name == "cifar10" and ds.class_names == ("airplane", "cat")
   assert ds.train_images.shape == (6, 32, 32, 3) and ds.test_images.shape == (4, 32, 32, 3)
   assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_labels.tolist() == [0, 0, 1, 1]
-  assert sorted(f.endswith(".npz") for f in os.listdir(cfg.cache_dir)) == [True, True]  # no unpacked copy
+  # One folder per split (images.npy, labels.npy, class_names.json), no unpacked copy of the tarball.
+  for split_dir in os.listdir(cfg.cache_dir):
+    assert sorted(os.listdir(os.path.join(cfg.cache_dir, split_dir))) == ["class_names.json", "images.npy",
+                                                                           "labels.npy"]
+  assert isinstance(ds.train_images, np.memmap) and not ds.train_images.flags.writeable  # mapped, no copy
 
 
 def test_shared_cifar10_corrupt_tarball(tmp_path):

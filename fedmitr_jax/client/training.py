@@ -57,10 +57,11 @@ def init_client_state(params, tx) -> ClientState:
   return ClientState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def make_client_train_step(model, tx, cfg):
+def make_client_train_step(model, tx, cfg, image_size=None):
   """Returns step(state, images_u8, labels, mask, total_steps, rng) -> (state, metrics).
 
-  A pure function of its inputs; an all-masked batch leaves the state exactly unchanged.
+  A pure function of its inputs; an all-masked batch leaves the state exactly unchanged. Images of
+  another size than `image_size` (the model's input) are resized first, then cropped and flipped.
   """
 
   def loss_fn(params, images, labels, mask):
@@ -72,7 +73,8 @@ def make_client_train_step(model, tx, cfg):
     return loss, correct
 
   def step(state: ClientState, images_u8, labels, mask, total_steps, rng):
-    images = datasets.normalize(augment.random_crop_flip(rng, images_u8, cfg.crop_padding))
+    model_input = augment.resize_to(images_u8, image_size)
+    images = datasets.normalize(augment.random_crop_flip(rng, model_input, cfg.crop_padding))
     (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, labels, mask)
     direction, opt_state = tx.update(grads, state.opt_state, state.params)
     lr = warmup_cosine_lr(cfg.lr, state.step, total_steps, cfg.warmup_fraction)

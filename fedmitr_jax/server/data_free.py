@@ -68,7 +68,8 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store)
     params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
         generator_kd.train(method, config, teacher, student, client_params,
                            jnp.asarray(weights, jnp.float32), init, stage=stage, manager=m)), max_to_keep=1)
-    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, config.eval.batch_size)
+    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, config.eval.batch_size,
+                            image_size=image_size)
     results[method] = {"test_acc": acc, "server_seconds": facts["seconds"], "rounds": facts["rounds"],
                        "kd_steps": facts["kd_steps"]}
   for method in wanted:
@@ -82,9 +83,10 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store)
         distill.train_student(student, cfg, bank, init, seed=config.seed, stage=stage, manager=m)))
     params = sharding.to_local(params)  # replicated over every process -> this process's copy
     e = config.eval
-    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size)
+    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size,
+                            image_size=image_size)
     acc_tok = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size,
-                                token_weight=config.distill.eval_token_weight)
+                                token_weight=config.distill.eval_token_weight, image_size=image_size)
     results[method] = {"test_acc": acc, "test_acc_cls_token": acc_tok,
                        "inversion_seconds": bank_facts["seconds"], "distill_seconds": facts["seconds"],
                        "server_seconds": bank_facts["seconds"] + facts["seconds"],
