@@ -175,7 +175,7 @@ BAD_VALUES = [
     ("distill.relabel_target", "tokens",
      "distill.relabel_target: 'tokens' is unknown; did you mean 'token'? use one of ['token', 'image']"),
     ("dataset.kind", "tfd",
-     "dataset.kind: 'tfd' is unknown; did you mean 'tfds'? use one of ['folder', 'shared_cifar10', 'tfds']"),
+     "dataset.kind: 'tfd' is unknown; did you mean 'tfds'? use one of ['cifar10', 'shared_cifar10', 'folder', 'tfds']"),
 ]
 
 
