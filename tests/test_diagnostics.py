@@ -122,7 +122,8 @@ def test_diagnostics_match_a_direct_computation_on_a_random_model():
     predictions = evaluate.predicted_labels(model, params, images, 3)
     assert row["per_class"] == diagnostics.per_class_accuracy(predictions, labels, NUM_CLASSES)
   assert diag["ensemble"]["token_entropy"] == pytest.approx(_entropy(ensemble_tokens), abs=1e-5)
-  assert diag["ensemble"]["token_acc"] == pytest.approx((ensemble_tokens.argmax(-1) == labels[:, None]).mean())
+  ensemble_hits = ensemble_tokens.argmax(-1) == labels[:, None]
+  assert diag["ensemble"]["token_acc"] == pytest.approx(ensemble_hits.mean())
   ensemble_predictions = sum(w * p for w, p in zip(weights, cls_probs)).argmax(-1)
   assert diag["ensemble"]["test_acc"] == pytest.approx((ensemble_predictions == labels).mean())
 
@@ -135,9 +136,10 @@ def test_per_class_accuracy_against_a_hand_count():
 
 
 def _diag_results():
-  teachers = {"clients": [{"test_acc": 0.5, "per_class": [1.0, 0.0], "token_entropy": 0.6, "token_acc": 0.4},
-                          {"test_acc": 0.5, "per_class": [0.0, 1.0], "token_entropy": 0.5, "token_acc": 0.7}],
-              "ensemble": {"test_acc": 0.75, "per_class": [1.0, 0.5], "token_entropy": 0.55, "token_acc": 0.6}}
+  row = lambda acc, per_class, entropy, token_acc: {"test_acc": acc, "per_class": per_class,
+                                                   "token_entropy": entropy, "token_acc": token_acc}
+  teachers = {"clients": [row(0.5, [1.0, 0.0], 0.6, 0.4), row(0.5, [0.0, 1.0], 0.5, 0.7)],
+              "ensemble": row(0.75, [1.0, 0.5], 0.55, 0.6)}
   per_class = {"fedavg": [0.25, None], "ensemble": [1.0, 0.5]}
   return diagnostics.summary(teachers, per_class, ("cat", "dog"))
 
