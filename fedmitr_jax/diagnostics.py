@@ -54,9 +54,10 @@ def teacher_diagnostics(model, client_params, images, labels, batch_size: int, w
                         num_classes: int) -> dict:
   """Every client and the ensemble on the test set, in one pass:
     {"clients": [row] * K, "ensemble": row}, row = {test_acc, per_class, token_entropy, token_acc}.
-  The ensemble's image prediction is the argmax of sum_k w_k softmax_k, as in `evaluate`."""
+  The ensemble's image prediction is the argmax of sum_k w_k softmax_k (server/ensemble.py)."""
   num_clients, n = len(weights), len(images)
   w = jnp.asarray(weights, jnp.float32)
+  host_weights = np.asarray(weights, np.float32)[:, None, None]
   predictions = np.zeros((num_clients + 1, n), np.int64)
   entropy_sum, hit_sum = np.zeros(num_clients + 1), np.zeros(num_clients + 1)
   for start, stop in evaluate.batches(n, batch_size):
@@ -66,7 +67,7 @@ def teacher_diagnostics(model, client_params, images, labels, batch_size: int, w
     real = stop - start  # the zero-padded tail of the last batch is dropped here
     probs = np.asarray(probs)[:, :real]
     predictions[:num_clients, start:stop] = probs.argmax(-1)
-    predictions[num_clients, start:stop] = (probs * np.asarray(weights)[:, None, None]).sum(0).argmax(-1)
+    predictions[num_clients, start:stop] = (probs * host_weights).sum(0).argmax(-1)
     entropy_sum += np.asarray(entropy, np.float64)[:, :real].sum(1)
     hit_sum += np.asarray(hits, np.float64)[:, :real].sum(1)
   rows = [{"test_acc": int((p == labels).sum()) / n,
