@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.clients.warmup_fraction = 0.05
   c.clients.grad_clip = 1.0
   c.clients.crop_padding = 4           # random crop after zero padding, then horizontal flip
+  c.clients.token_loss_weight = 0.0  # weight of the per-token CE on patch tokens (0: the paper's plain ViT)
   c.clients.checkpoint_every_steps = 200
   c.clients.log_every_steps = 50
 

@@ -1,4 +1,5 @@
-"""Stage 5: test accuracy of clients, their ensemble, one-shot FedAvg and distilled students."""
+"""Stage 5: test accuracy of one-shot FedAvg and the distilled students; the clients and their
+ensemble are measured in one pass with their token diagnostics (diagnostics.py)."""
 import functools
 
 import jax
@@ -23,63 +24,49 @@ def fedavg_params(client_params, weights):
   return jax.tree.map(lambda p: jnp.tensordot(w, p, axes=1), client_params)
 
 
-def _batches(num: int, batch_size: int):
+def batches(num: int, batch_size: int):
   for start in range(0, num, batch_size):
     yield start, min(start + batch_size, num)
 
 
-def _padded(images, start, stop, batch_size):
+def padded(array, start, stop, batch_size):
   """A fixed-size batch (last one zero-padded) so every call reuses one compilation."""
-  chunk = images[start:stop]
+  chunk = array[start:stop]
   if len(chunk) < batch_size:
     chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
   return chunk
 
 
-def _model_input(images_u8, image_size):
+def model_input(images_u8, image_size):
   return datasets.normalize(augment.resize_to(images_u8, image_size))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "token_weight", "image_size"))
 def _predict(model, params, images_u8, token_weight=0.0, image_size=None):
-  logits, out = model.apply({"params": params}, _model_input(images_u8, image_size))
+  logits, out = model.apply({"params": params}, model_input(images_u8, image_size))
   if token_weight:  # LV-ViT inference: cls + w * max over tokens of the token logits
     logits = logits + token_weight * out["token_logits"].max(axis=1)
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("model", "image_size"))
-def _predict_stacked_probs(model, client_params, images_u8, image_size=None):
-  """Softmax of every client, vmapped over the stacked client axis: [K, B, C]."""
-  x = _model_input(images_u8, image_size)  # resized once, shared by every client
-  logits = jax.vmap(lambda p: model.apply({"params": p}, x)[0])(client_params)
-  return jax.nn.softmax(logits, axis=-1)
+def predicted_labels(model, params, images, batch_size: int, token_weight: float = 0.0,
+                     image_size: int | None = None) -> np.ndarray:
+  """The predicted class of every image, int64 [N]. image_size: the model's input size; images of
+  another size are resized on the device."""
+  out = np.zeros(len(images), np.int64)
+  for start, stop in batches(len(images), batch_size):
+    logits = _predict(model, params, padded(images, start, stop, batch_size), token_weight, image_size)
+    out[start:stop] = np.asarray(logits)[: stop - start].argmax(-1)
+  return out
+
+
+def accuracy_of(predictions, labels) -> float:
+  return int((np.asarray(predictions) == np.asarray(labels)).sum()) / len(labels)
 
 
 def accuracy(model, params, images, labels, batch_size: int, token_weight: float = 0.0,
              image_size: int | None = None) -> float:
-  """image_size: the model's input size; images of another size are resized on the device."""
-  correct = 0
-  for start, stop in _batches(len(images), batch_size):
-    logits = _predict(model, params, _padded(images, start, stop, batch_size), token_weight, image_size)
-    correct += int((np.asarray(logits)[: stop - start].argmax(-1) == labels[start:stop]).sum())
-  return correct / len(images)
-
-
-def client_and_ensemble_accuracy(model, client_params, images, labels, batch_size: int, weights,
-                                 image_size: int | None = None):
-  """Per-client accuracies and the accuracy of the ensemble (mean of the client *softmaxes*)."""
-  num_clients = len(weights)
-  correct = np.zeros(num_clients, np.int64)
-  ensemble_correct = 0
-  w = np.asarray(weights, np.float32)[:, None, None]
-  for start, stop in _batches(len(images), batch_size):
-    probs = np.asarray(_predict_stacked_probs(model, client_params, _padded(images, start, stop, batch_size),
-                                              image_size))[:, : stop - start]
-    truth = labels[start:stop]
-    correct += (probs.argmax(-1) == truth[None]).sum(axis=1)
-    ensemble_correct += int(((probs * w).sum(0).argmax(-1) == truth).sum())
-  return (correct / len(images)).tolist(), ensemble_correct / len(images)
+  return accuracy_of(predicted_labels(model, params, images, batch_size, token_weight, image_size), labels)
 
 
 def write_results_markdown(results: dict, path) -> None:
@@ -90,8 +77,21 @@ def write_results_markdown(results: dict, path) -> None:
   lines += ["", "| client | examples | test acc (%) |", "|---|---|---|"]
   for k, client in enumerate(results["clients"]):
     lines.append(f"| {k} | {client['num_examples']} | {100 * client['test_acc']:.2f} |")
+  if "diagnostics" in results:
+    lines += [""] + diagnostics_markdown(results["diagnostics"])
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def diagnostics_markdown(diag: dict) -> list:
+  """The token diagnostics table (diagnostics.py); per-class accuracies are in per_class.png."""
+  lines = [f"| teacher | token entropy (nats; uniform = {diag['uniform_entropy']:.3f}) | token acc (%) |",
+           "|---|---|---|"]
+  rows = [(f"client {k}", row) for k, row in enumerate(diag["clients"])] + [("ensemble", diag["ensemble"])]
+  for name, row in rows:
+    lines.append(f"| {name} | {row['token_entropy']:.3f} | {100 * row['token_acc']:.2f} |")
+  return lines + ["", "Per-class test accuracy of every method and client: per_class.png "
+                  "(numbers: results.json, diagnostics.per_class)."]
 
 
 def _fmt(v):

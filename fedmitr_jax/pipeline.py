@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from fedmitr_jax import checkpoints, evaluate, guards, plots
+from fedmitr_jax import checkpoints, diagnostics, evaluate, guards, plots
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
 from fedmitr_jax.client import training
 from fedmitr_jax.data import partition as partition_lib
@@ -93,22 +93,28 @@ def run_clients(config, dataset, parts, store: StageStore):
 
 
 def run_baseline_eval(config, dataset, sizes, client_params, ensemble_weights, fedavg):
-  """fedavg, ensemble and every client on the test set."""
+  """fedavg, ensemble and every client on the test set; the clients and the ensemble in one pass
+  that also measures their token diagnostics (diagnostics.py)."""
   model = client_model(config, dataset)
   e = config.eval
+  images, labels = dataset.test_images, dataset.test_labels
   started = time.perf_counter()
-  client_acc, ensemble_acc = evaluate.client_and_ensemble_accuracy(
-      model, client_params, dataset.test_images, dataset.test_labels, e.batch_size, ensemble_weights,
-      image_size=config.dataset.image_size)
+  teachers = diagnostics.teacher_diagnostics(model, client_params, images, labels, e.batch_size,
+                                             ensemble_weights, dataset.num_classes,
+                                             image_size=config.dataset.image_size)
   ensemble_seconds = time.perf_counter() - started
   started = time.perf_counter()
-  fedavg_acc = evaluate.accuracy(model, fedavg, dataset.test_images, dataset.test_labels, e.batch_size,
-                                 image_size=config.dataset.image_size)
+  fedavg_predictions = evaluate.predicted_labels(model, fedavg, images, e.batch_size,
+                                                image_size=config.dataset.image_size)
   # Server-side wall time of each method (client training is shared by all and reported apart).
-  methods = {"fedavg": {"test_acc": fedavg_acc, "server_seconds": time.perf_counter() - started},
-             "ensemble": {"test_acc": ensemble_acc, "server_seconds": ensemble_seconds}}
-  client_rows = [{"test_acc": a, "num_examples": n} for a, n in zip(client_acc, sizes)]
-  return methods, client_rows
+  methods = {"fedavg": {"test_acc": evaluate.accuracy_of(fedavg_predictions, labels),
+                        "server_seconds": time.perf_counter() - started,
+                        "per_class": diagnostics.per_class_accuracy(fedavg_predictions, labels,
+                                                                    dataset.num_classes)},
+             "ensemble": {"test_acc": teachers["ensemble"]["test_acc"], "server_seconds": ensemble_seconds,
+                          "per_class": teachers["ensemble"]["per_class"]}}
+  client_rows = [{"test_acc": t["test_acc"], "num_examples": n} for t, n in zip(teachers["clients"], sizes)]
+  return methods, client_rows, teachers
 
 
 def run(config, dataset, workdir) -> dict:
@@ -119,20 +125,28 @@ def run(config, dataset, workdir) -> dict:
   sizes = [len(p) for p in parts]
   weights = evaluate.client_weights(sizes, config.eval.ensemble_weighting)
   fedavg = evaluate.fedavg_params(client_params, evaluate.client_weights(sizes, config.eval.fedavg_weighting))
-  methods, client_rows = run_baseline_eval(config, dataset, sizes, client_params, weights, fedavg)
+  methods, client_rows, teachers = run_baseline_eval(config, dataset, sizes, client_params, weights, fedavg)
   student_results, bank_facts, banks = data_free.run_data_free(config, dataset, client_params, weights,
                                                            fedavg, store)
   methods.update(student_results)
   methods = {name: methods[name] for name in config.methods if name in methods}
+  per_class = {name: entry.pop("per_class") for name, entry in methods.items()}  # -> diagnostics
   results = {"methods": methods, "clients": client_rows, "inversion": bank_facts,
              "client_training": store.load_facts("clients"),
+             "diagnostics": diagnostics.summary(teachers, per_class, dataset.class_names),
              "config": config.to_dict()}
   if jax.process_index() == 0:  # one writer on multi-host runs
     for kind, (bank, _) in banks.items():
       plots.save_bank_grid(bank, dataset.class_names, config.model.variant, workdir / f"synthetic_{kind}.png")
+    diagnostics.save_per_class_heatmap(diagnostics.per_class_table(results["diagnostics"]),
+                                       dataset.class_names, workdir / "per_class.png")
     write_json_atomic(workdir / "results.json", results)
     evaluate.write_results_markdown(results, workdir / "results.md")
   for name, entry in methods.items():
     log(f"[evaluate] {name:>14s}: {100 * entry['test_acc']:.2f}%")
   log("[evaluate] clients: " + " ".join(f"{100 * c['test_acc']:.1f}%" for c in client_rows))
+  diag = results["diagnostics"]
+  log(f"[evaluate] token entropy (uniform {diag['uniform_entropy']:.3f} nats) / token acc: "
+      + " ".join(f"{row['token_entropy']:.3f}/{100 * row['token_acc']:.1f}%" for row in diag["clients"])
+      + f"; ensemble {diag['ensemble']['token_entropy']:.3f}/{100 * diag['ensemble']['token_acc']:.1f}%")
   return results

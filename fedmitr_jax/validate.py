@@ -166,6 +166,7 @@ FIELD_RULES = {
     "clients.crop_padding": _int_at_least(0),
     "clients.checkpoint_every_steps": _int_at_least(1),
     "clients.log_every_steps": _int_at_least(1),
+    "clients.token_loss_weight": NON_NEGATIVE,
     "inversion.num_batches": _int_at_least(1),
     "inversion.batch_size": _int_at_least(1),
     "inversion.iterations": _int_at_least(1),

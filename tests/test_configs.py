@@ -22,7 +22,11 @@ DOCUMENTED_ARGS = {
     "paper_officehome": ["root={root},domain=", "root={parent},domain=Real_World,alpha=0.3",
                          "root={parent},domain=all,clients=10,model=S/16", "root={parent},domain=Art"],
     "paper_miniimagenet": ["root={root}", "root={root},alpha=0.5,clients=10,model=S/16"],
+    "cifar10_cpu_pretrained": ["backbone=W/backbone.npz,token_loss=0.5,alpha=0.3"],
+    "central_gate": ["epochs=1", "backbone=W/backbone.npz,token_loss=0.5,epochs=30"],
 }
+# Configs that refuse to load without an arg (one that names what to do); tests load them with it.
+REQUIRED_ARG = {"cifar10_cpu_pretrained": "backbone=W/backbone.npz"}
 
 
 def load(name):
@@ -49,8 +53,12 @@ def test_paper_configs_exist():
 @pytest.mark.parametrize("name", FILES)
 def test_config_loads_and_passes_check_config(name, dataset_root):
   module = load(name)
-  module.get_config("")  # the default always loads (a folder config fails check_config without root)
-  for arg in [""] + DOCUMENTED_ARGS.get(name, []):
+  if name in REQUIRED_ARG:
+    with pytest.raises(ValueError, match="run the pretraining first"):
+      module.get_config("")
+  else:  # the default loads (a folder config fails check_config without root)
+    module.get_config("")
+  for arg in [REQUIRED_ARG.get(name, "")] + DOCUMENTED_ARGS.get(name, []):
     arg = arg.format(root=dataset_root, parent=dataset_root.parent)
     if name in PAPER[1:] and "root=" not in arg:
       continue
@@ -68,7 +76,8 @@ def _keys(tree, prefix=""):
 @pytest.mark.parametrize("name", FILES)
 def test_config_sets_only_fields_of_config_base(name):
   """base_config() is not locked, so a misspelt field would be silently added: compare the keys."""
-  assert _keys(load(name).get_config("").to_dict()) == _keys(config_base.base_config().to_dict())
+  config = load(name).get_config(REQUIRED_ARG.get(name, ""))
+  assert _keys(config.to_dict()) == _keys(config_base.base_config().to_dict())
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -77,6 +86,30 @@ def test_docstring_commands_use_real_args(name):
   module = load(name)
   for args in re.findall(rf"configs/{name}\.py:(\S+)", module.__doc__ or ""):
     module.get_config(args)
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+  return out
+
+
+def test_pretrained_config_is_the_full_config_from_the_backbone():
+  full = _flat(load("cifar10_cpu_full").get_config("alpha=0.3").to_dict())
+  ours = _flat(load("cifar10_cpu_pretrained").get_config("backbone=W/b.npz,token_loss=0.5,alpha=0.3").to_dict())
+  changed = {k: ours[k] for k in full if full[k] != ours[k]}
+  assert changed == {"model.variant": "Mi/4", "model.pretrained_path": "W/b.npz",
+                     "clients.token_loss_weight": 0.5}
+
+
+def test_central_gate_is_one_client_on_10k_images():
+  c = load("central_gate").get_config("epochs=2")
+  assert (c.partition.method, c.partition.num_clients, c.dataset.max_train_examples) == ("iid", 1, 10_000)
+  assert tuple(c.methods) == ("fedavg", "ensemble") and c.model.variant == "Mi/4"
+  assert (c.model.pretrained_path, c.clients.token_loss_weight, c.clients.epochs) == ("", 0.0, 2.0)
+  c = load("central_gate").get_config("backbone=W/b.npz,token_loss=0.5")
+  assert (c.model.pretrained_path, c.clients.token_loss_weight) == ("W/b.npz", 0.5)
 
 
 @pytest.mark.parametrize("name", PAPER)

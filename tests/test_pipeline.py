@@ -37,8 +37,15 @@ def test_smoke_run_writes_all_results_and_pictures(smoke_run):
   assert sum(c["num_examples"] for c in results["clients"]) == 600
   assert results["config"]["model"]["variant"] == "test/8"
   assert results["inversion"]["sparse"]["tokens_per_stage"] == [16, 11, 7, 4]
+  diag = results["diagnostics"]  # docs/diagnostics.md
+  assert set(diag["per_class"]) == ALL_METHODS and len(diag["clients"]) == 3
+  for row in diag["clients"] + [diag["ensemble"]]:
+    assert 0.0 <= row["token_entropy"] <= diag["uniform_entropy"] + 1e-6 and 0.0 <= row["token_acc"] <= 1.0
+  for per_class in list(diag["per_class"].values()) + [c["per_class"] for c in diag["clients"]]:
+    assert len(per_class) == 10 and all(0.0 <= a <= 1.0 for a in per_class)
+  assert "| teacher | token entropy" in (workdir / "results.md").read_text()
   for name in ("results.md", "partition.png", "partition.json", "synthetic_sparse.png",
-               "synthetic_dense.png", "config.json", "metadata.json"):
+               "synthetic_dense.png", "per_class.png", "config.json", "metadata.json"):
     assert (workdir / name).stat().st_size > 0, name
   metadata = json.loads((workdir / "metadata.json").read_text())
   assert metadata["packages"]["jax"] and metadata["device_count"] == 1

@@ -13,7 +13,7 @@ generator methods synthesise inside their own stage (generator_kd.py).
 import jax
 import jax.numpy as jnp
 
-from fedmitr_jax import checkpoints, evaluate, sharding
+from fedmitr_jax import checkpoints, diagnostics, evaluate, sharding
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
 from fedmitr_jax.server import distill, generator_kd, inversion, synthetic_bank
@@ -49,7 +49,8 @@ def load_or_train(store, stage: str, init, train, max_to_keep: int = 2):
 
 
 def run_data_free(config, dataset, client_params, weights, fedavg_params, store):
-  """Returns {method: {test_acc, test_acc_cls_token, seconds, ...}} for the data-free methods."""
+  """Returns {method: {test_acc, test_acc_cls_token, seconds, ..., per_class}} for the data-free
+  methods (per_class: test accuracy on each class, moved to results' diagnostics by the pipeline)."""
   wanted = [m for m in config.methods if m in DATA_FREE]
   image_size, num_classes = config.dataset.image_size, dataset.num_classes
   dtype = vit.compute_dtype(config.model.dtype)
@@ -63,15 +64,18 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store)
         f"inversion_{kind}", inverter, client_params, weights, num_classes=num_classes,
         seed=config.seed, sparse=kind == "sparse", store=store)
   results = {}
+  test_images, test_labels = dataset.test_images, dataset.test_labels
   for method in [m for m in config.methods if m in generator_kd.METHODS]:
     stage = f"distill_{method}"
     params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
         generator_kd.train(method, config, teacher, student, client_params,
                            jnp.asarray(weights, jnp.float32), init, stage=stage, manager=m)), max_to_keep=1)
-    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, config.eval.batch_size,
-                            image_size=image_size)
-    results[method] = {"test_acc": acc, "server_seconds": facts["seconds"], "rounds": facts["rounds"],
-                       "kd_steps": facts["kd_steps"]}
+    predictions = evaluate.predicted_labels(student, params, test_images, config.eval.batch_size,
+                                            image_size=image_size)
+    results[method] = {"test_acc": evaluate.accuracy_of(predictions, test_labels),
+                       "server_seconds": facts["seconds"], "rounds": facts["rounds"],
+                       "kd_steps": facts["kd_steps"],
+                       "per_class": diagnostics.per_class_accuracy(predictions, test_labels, num_classes)}
   for method in wanted:
     kind, relabel = DATA_FREE[method]
     bank, bank_facts = banks[kind]
@@ -83,14 +87,15 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store)
         distill.train_student(student, cfg, bank, init, seed=config.seed, stage=stage, manager=m)))
     params = sharding.to_local(params)  # replicated over every process -> this process's copy
     e = config.eval
-    acc = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size,
-                            image_size=image_size)
-    acc_tok = evaluate.accuracy(student, params, dataset.test_images, dataset.test_labels, e.batch_size,
+    predictions = evaluate.predicted_labels(student, params, test_images, e.batch_size, image_size=image_size)
+    acc_tok = evaluate.accuracy(student, params, test_images, test_labels, e.batch_size,
                                 token_weight=config.distill.eval_token_weight, image_size=image_size)
-    results[method] = {"test_acc": acc, "test_acc_cls_token": acc_tok,
+    results[method] = {"test_acc": evaluate.accuracy_of(predictions, test_labels),
+                       "test_acc_cls_token": acc_tok,
                        "inversion_seconds": bank_facts["seconds"], "distill_seconds": facts["seconds"],
                        "server_seconds": bank_facts["seconds"] + facts["seconds"],
                        "bank_images": bank_facts["images"],
-                       "kept_fraction": bank_facts["mean_kept_fraction"]}
+                       "kept_fraction": bank_facts["mean_kept_fraction"],
+                       "per_class": diagnostics.per_class_accuracy(predictions, test_labels, num_classes)}
   return results, {kind: facts for kind, (_, facts) in banks.items()}, banks
 
