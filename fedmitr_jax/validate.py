@@ -51,6 +51,9 @@ def check_config(config) -> None:
                      f"bank ({bank} images); lower it or raise inversion.num_batches")
   if config.clients.epochs <= 0 or config.clients.batch_size < 1:
     raise InputError("clients.epochs and clients.batch_size must be positive; fix the config")
+  if config.clients.token_loss_weight < 0:
+    raise InputError(f"clients.token_loss_weight: {config.clients.token_loss_weight} is negative; "
+                     "use 0 (plain ViT) or a positive weight")
 
 
 def prepare(config, workdir):
