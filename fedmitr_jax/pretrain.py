@@ -131,8 +131,7 @@ def run(config, workdir) -> dict:
   store = StageStore(workdir)
   p = config.pretrain
   model = build_model(config)
-  spec = fractal.FractalSpec.from_config(config.fractal, image_size=config.fractal.image_size,
-                                         patch_size=model.patch_size, seed=config.seed)
+  spec = fractal.FractalSpec.from_config(config.fractal, patch_size=model.patch_size, seed=config.seed)
   started = time.perf_counter()
   renderer = fractal.FractalRenderer(spec)
   log(f"[{STAGE}] {spec.num_classes} fractal classes drawn in {time.perf_counter() - started:.1f} s")

@@ -47,8 +47,8 @@ class FractalSpec:
   seed: int = 0                       # the class systems' seed (images have their own)
 
   @classmethod
-  def from_config(cls, f, *, image_size: int, patch_size: int, seed: int):
-    return cls(num_classes=f.num_classes, image_size=image_size, patch_size=patch_size,
+  def from_config(cls, f, *, patch_size: int, seed: int):
+    return cls(num_classes=f.num_classes, image_size=f.image_size, patch_size=patch_size,
                points_per_class=f.points_per_class, max_instances=f.max_instances,
                scale=tuple(f.scale), patch_threshold=f.patch_threshold,
                background_share=tuple(f.background_share), noise=f.noise, seed=seed)
