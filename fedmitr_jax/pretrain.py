@@ -45,7 +45,8 @@ def check_config(config) -> None:
     raise InputError(str(e)) from None
   optimizers = config_base.CHOICES["clients.optimizer"]
   checks = [
-      (p.optimizer in optimizers, "pretrain.optimizer", f"'{p.optimizer}' is unknown; use one of {list(optimizers)}"),
+      (p.optimizer in optimizers, "pretrain.optimizer",
+       f"'{p.optimizer}' is unknown; use one of {list(optimizers)}"),
       (f.num_classes >= 1, "fractal.num_classes", f"{f.num_classes} must be at least 1"),
       (f.max_instances >= 1, "fractal.max_instances", f"{f.max_instances} must be at least 1"),
       (f.points_per_class >= 64, "fractal.points_per_class", f"{f.points_per_class} is under 64"),

@@ -1,7 +1,6 @@
 """Fractal pretraining: the backbone file loads into clients bit-exactly, a stopped run resumes to the
 same result, bad configs fail in one line, and the clients' token loss is off by default."""
 import json
-import os
 import pathlib
 import subprocess
 import sys

@@ -266,8 +266,8 @@ class FractalRenderer:
       if not len(redo):
         break
       attempt[redo] += 1
-      again = render_layouts(self.clouds, [
-          draw_layout(np.random.default_rng([seed, step, i, attempt[i]]), self.spec) for i in redo], self.spec)
+      layouts = [draw_layout(np.random.default_rng([seed, step, i, attempt[i]]), self.spec) for i in redo]
+      again = render_layouts(self.clouds, layouts, self.spec)
       for key in out:
         out[key][redo] = again[key]
     return {k: v for k, v in out.items() if k != "owner"}
