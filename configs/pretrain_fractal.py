@@ -11,8 +11,9 @@ Budget (measured on the 2-core CPU while shared with other jobs, load average ~1
 README-style numbers in W/pretrain.json after a run):
   Mu/4, batch 64: train step 92 ms of CPU (238 ms wall under that load), rendering 64 images 30 ms
   of CPU on the prefetch thread (~2,100 images per CPU-second). 15,000 steps ~= 122 ms x 15,000
-  = 31 min when the CPU is ours (CPU time summed over both cores, so an upper bound there);
-  under a load of ~15 other processes it takes ~1.5-2 h.
+  = 31 min when the CPU is ours (CPU time summed over both cores, so an upper bound there).
+  This config's first 500 steps, shared CPU at load average 9-18: 256-301 img/s after compiling,
+  0.21-0.25 s per step, rendering 355-475 img/s on its thread: 15,000 steps in 53-60 min.
   Mi/4, batch 64: train step 271 ms of CPU (1.0 s wall under load): 6,000 steps ~= 30 min.
 
 Classes: 100, not FractalDB's 1,000. A width-64, 3-block ViT sees ~1M images in this budget; with
