@@ -7,8 +7,8 @@ then point the main pipeline at W/backbone.npz (--config.model.pretrained_path=W
 same model.variant). No natural image is used: the images are rendered IFS fractals with exact
 per-patch labels (fedmitr_jax/data/fractal.py).
 
-Budget (measured on the 2-core CPU while shared with other jobs, load average ~15-20; see
-README-style numbers in W/pretrain.json after a run):
+Budget (measured on a 2-core CPU shared with other jobs, load average ~15-20; W/pretrain.json
+records each run's own rates):
   Mu/4, batch 64: train step 92 ms of CPU (238 ms wall under that load), rendering 64 images 30 ms
   of CPU on the prefetch thread (~2,100 images per CPU-second). 15,000 steps ~= 122 ms x 15,000
   = 31 min when the CPU is ours (CPU time summed over both cores, so an upper bound there).
@@ -16,11 +16,10 @@ README-style numbers in W/pretrain.json after a run):
   0.21-0.25 s per step, rendering 355-475 img/s on its thread: 15,000 steps in 53-60 min.
   Mi/4, batch 64: train step 271 ms of CPU (1.0 s wall under load): 6,000 steps ~= 30 min.
 
-Classes: 100, not FractalDB's 1,000. A width-64, 3-block ViT sees ~1M images in this budget; with
-100 classes each class appears in ~20k images (~10k per class at 1,000 would be FractalDB-1k's 1k
-instances x 10, fine for data, but the 1,000-way CLS and token heads would take most of the short
-run to get off chance level, and what the clients need is the encoder's patch features, which the
-per-token task trains at any class count). Short runs (800 steps of batch 64, Mu/4, lr to 0 by
+Classes: 100, not FractalDB's 1,000. A width-64, 3-block ViT sees ~1M images in this budget
+(~2 instances each: ~19k instances per class at 100 classes). Data would suffice for 1,000, but a
+1,000-way task would stay at chance for most of this short run, and what the clients need is the
+encoder's patch features, which the per-token task trains at any class count. Short runs (800 steps of batch 64, Mu/4, lr to 0 by
 step 800): at 10 classes the foreground-token accuracy reaches 14% (chance 10%); at 100 classes it
 is still 0.6% (chance 1%, rising from 0.01%) while background/foreground is already learnt, so
 more classes than 100 would leave the class task at chance for most of this budget.
