@@ -133,3 +133,16 @@ def is_disk_full(error: BaseException) -> bool:
       return True
     error = error.__cause__ or error.__context__
   return False
+
+
+def exit_with_last_line(message: str, code: int) -> None:
+  """Writes `message` as the last line on stderr and exits at once (as fedmitr_jax.main does on a
+  full disk): Orbax's background save threads may still print tracebacks of the failed write, so
+  stderr is pointed at /dev/null first and os._exit does not wait for them."""
+  import sys
+  sys.stdout.flush()
+  sys.stderr.flush()
+  own_stderr = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(own_stderr, (message + "\n").encode())
+  os._exit(code)

@@ -89,7 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.clients.warmup_fraction = 0.05
   c.clients.grad_clip = 1.0
   c.clients.crop_padding = 4           # random crop after zero padding, then horizontal flip
-  c.clients.token_loss_weight = 0.0  # weight of the per-token CE on patch tokens (0: the paper's plain ViT)
+  # > 0 adds weight * mean over patch tokens of CE(head on token i, image label) to each client's
+  # loss: per-token evidence of the image class for token relabel, which a plain ViT's patch tokens
+  # (trained through CLS only) do not give. 0 = the paper's plain ViT (the loss is unchanged).
+  c.clients.token_loss_weight = 0.0
   c.clients.checkpoint_every_steps = 200
   c.clients.log_every_steps = 50
 
@@ -241,3 +244,46 @@ def parse_arg(arg: str, **defaults):
       except ValueError:
         raise ValueError(f"config arg '{key}': '{value}' is not a {kind.__name__}") from None
   return parsed
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """Fields of `python -m fedmitr_jax.pretrain` (formula-driven pretraining, fedmitr_jax/pretrain.py).
+
+  A config of its own, not a section of `base_config`: pretraining sees no dataset, partition or
+  server stage, and the main pipeline's config stays as it was. Its output `backbone.npz` is what
+  `model.pretrained_path` of the main config then loads.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0                           # model init; the fractal classes and images derive from it
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "Mu/4"             # the clients' variant: the backbone must have their shapes
+  c.model.dtype = "float32"
+
+  # ---- images (fedmitr_jax/data/fractal.py) ------------------------------------------------
+  c.fractal = ml_collections.ConfigDict()
+  c.fractal.image_size = 32            # the clients' image size
+  c.fractal.num_classes = 100          # random IFS systems = classes
+  c.fractal.points_per_class = 2048    # attractor points per class, drawn once (chaos game)
+  c.fractal.max_instances = 3          # 1..this many instances per image
+  c.fractal.scale = (0.35, 0.8)        # instance bounding-box side / image side
+  c.fractal.patch_threshold = 0.25     # share of a patch's pixels an instance needs to label it
+  c.fractal.background_share = (0.2, 0.9)  # allowed share of background patches (else redrawn)
+  c.fractal.noise = 12.0               # background pixel noise std (0..255)
+
+  # ---- training ------------------------------------------------------------------------------
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.steps = 1000
+  c.pretrain.batch_size = 64
+  c.pretrain.optimizer = "adamw"       # same optimiser code as the clients (client/training.py)
+  c.pretrain.lr = 1e-3
+  c.pretrain.momentum = 0.9            # sgd only
+  c.pretrain.weight_decay = 0.05
+  c.pretrain.warmup_fraction = 0.05
+  c.pretrain.grad_clip = 1.0
+  c.pretrain.image_loss_weight = 1.0   # sigmoid BCE of the CLS head against the multi-hot label
+  c.pretrain.token_loss_weight = 1.0   # CE of the token head against each patch's exact label
+  c.pretrain.prefetch = 4              # batches rendered ahead in a background thread (0: inline)
+  c.pretrain.checkpoint_every_steps = 200
+  c.pretrain.log_every = 50
+  c.pretrain.sample_images = 16        # images in fractal_samples.png
+  return c

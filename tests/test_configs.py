@@ -10,7 +10,9 @@ from fedmitr_jax import config_base, validate
 from fedmitr_jax.server import inversion
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-FILES = sorted(p.stem for p in CONFIGS.glob("*.py"))
+# configs/pretrain_*.py configure `python -m fedmitr_jax.pretrain`, with config_base.pretrain_config's fields.
+FILES = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("pretrain_"))
+PRETRAIN_FILES = sorted(p.stem for p in CONFIGS.glob("pretrain_*.py"))
 PAPER = ("paper_cifar10", "paper_officehome", "paper_miniimagenet")
 # Args each config documents, besides the default ''; '{root}' is a folder dataset made by the test.
 DOCUMENTED_ARGS = {
@@ -24,6 +26,8 @@ DOCUMENTED_ARGS = {
     "paper_miniimagenet": ["root={root}", "root={root},alpha=0.5,clients=10,model=S/16"],
     "cifar10_cpu_pretrained": ["backbone=W/backbone.npz,token_loss=0.5,alpha=0.3"],
     "central_gate": ["epochs=1", "backbone=W/backbone.npz,token_loss=0.5,epochs=30"],
+    "pretrain_fractal": ["variant=Mu/4", "variant=Mi/4"],
+    "pretrain_smoke": ["variant=Mu/4"],
 }
 # Configs that refuse to load without an arg (one that names what to do); tests load them with it.
 REQUIRED_ARG = {"cifar10_cpu_pretrained": "backbone=W/backbone.npz"}
@@ -80,7 +84,24 @@ def test_config_sets_only_fields_of_config_base(name):
   assert _keys(config.to_dict()) == _keys(config_base.base_config().to_dict())
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", PRETRAIN_FILES)
+def test_pretrain_config_loads_and_passes_check_config(name):
+  from fedmitr_jax import pretrain
+  module = load(name)
+  for arg in [""] + DOCUMENTED_ARGS.get(name, []):
+    config = module.get_config(arg)
+    pretrain.check_config(config)
+    assert _keys(config.to_dict()) == _keys(config_base.pretrain_config().to_dict())
+
+
+def test_pretrain_fractal_variant_arg():
+  module = load("pretrain_fractal")
+  assert module.get_config("variant=Mi/4").model.variant == "Mi/4"
+  with pytest.raises(ValueError, match="'variant'"):
+    module.get_config("variant=Ti/16")
+
+
+@pytest.mark.parametrize("name", FILES + PRETRAIN_FILES)
 def test_docstring_commands_use_real_args(name):
   """Every `configs/<this file>.py:args` in the docstring parses."""
   module = load(name)

@@ -57,6 +57,14 @@ def init_client_state(params, tx) -> ClientState:
   return ClientState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
 
+def token_label_loss(token_logits, labels):
+  """[B] mean over patch tokens of CE(head on token i, the image label): every patch token is
+  asked for evidence of the image's class, which token relabel later reads off the teachers."""
+  per_token = optax.softmax_cross_entropy_with_integer_labels(
+      token_logits, jnp.broadcast_to(labels[:, None], token_logits.shape[:2]))
+  return per_token.mean(axis=1)
+
+
 def make_client_train_step(model, tx, cfg, image_size=None):
   """Returns step(state, images_u8, labels, mask, total_steps, rng) -> (state, metrics).
 
@@ -65,8 +73,10 @@ def make_client_train_step(model, tx, cfg, image_size=None):
   """
 
   def loss_fn(params, images, labels, mask):
-    logits, _ = model.apply({"params": params}, images)
+    logits, out = model.apply({"params": params}, images)
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if cfg.token_loss_weight:  # a Python branch: weight 0 traces exactly the plain ViT's loss
+      per_example = per_example + cfg.token_loss_weight * token_label_loss(out["token_logits"], labels)
     count = jnp.maximum(mask.sum(), 1)
     loss = jnp.sum(per_example * mask) / count
     correct = jnp.sum((logits.argmax(-1) == labels) * mask)

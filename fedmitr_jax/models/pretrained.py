@@ -415,3 +415,29 @@ def load_pretrained(path: str, init_params, *, variant: str, input_norm: str = "
   merged = _merge(init_flat, ours, path=path, family=family, variant=variant)
   log(f"[pretrained] {family} weights from {path}")
   return traverse_util.unflatten_dict(merged, sep="/")
+
+
+# ---- writing a backbone ------------------------------------------------------------------------
+
+
+def backbone_arrays(params) -> dict:
+  """Our ViT parameters in big_vision's .npz names and layouts (the inverse of `_from_npz`),
+  without `head` and `token_head`: a backbone for clients of any class count."""
+  flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  names = _NPZ_FAMILIES["big_vision"]
+  out = {"cls": flat["cls"], "pos_embedding": flat["pos_embedding"]}
+  out.update({file_name: flat[ours] for ours, file_name in _NPZ_TOP.items() if ours != "pos_embedding"})
+  for i in range(_depth(flat)):
+    prefix = f"Transformer/encoderblock_{i}/"
+    out.update({prefix + v.format(**names): flat[f"block{i}/{k}"] for k, v in _NPZ_BLOCK.items()})
+    for j, part in enumerate(("query", "key", "value")):  # our fused [D, 3, H, Dh] -> q, k, v
+      out[f"{prefix}{names['attn']}/{part}/kernel"] = flat[f"block{i}/attn/qkv/kernel"][:, j]
+      out[f"{prefix}{names['attn']}/{part}/bias"] = flat[f"block{i}/attn/qkv/bias"][j]
+  return out
+
+
+def save_backbone(params, path) -> None:
+  """Writes `backbone_arrays(params)` as an .npz that `load_pretrained` reads (big_vision family)."""
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **backbone_arrays(params))
+  os.replace(tmp, path)
