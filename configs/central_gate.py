@@ -14,6 +14,7 @@ accuracy and the diagnostics table; the comparison table goes in docs/results.md
 comes from `python -m fedmitr_jax.pretrain --config configs/pretrain_fractal.py --workdir W`.
 
 Args: backbone=PATH ('' = from scratch), token_loss=<float> (clients.token_loss_weight),
+model=<size>/<patch> (Mi/4 by default; the backbone's variant when one is given),
 epochs=<float> (passes over the 10,000 images, 157 steps of 64 each). The run is partition (iid,
 one client holding every image) -> clients -> evaluation; FedAvg and the ensemble of one client are
 that client, so `methods` lists them only to report its accuracy and diagnostics.
@@ -28,13 +29,13 @@ from fedmitr_jax import config_base
 
 
 def get_config(arg: str = ""):
-  args = config_base.parse_arg(arg, backbone="", token_loss=0.0, epochs=30.0)
+  args = config_base.parse_arg(arg, backbone="", token_loss=0.0, epochs=30.0, model="Mi/4")
   c = config_base.base_config()
   c.methods = ("fedavg", "ensemble")  # no server stage: the gate is about the client alone
   c.dataset.max_train_examples = 10_000
   c.partition.method = "iid"
   c.partition.num_clients = 1
-  c.model.variant = "Mi/4"
+  c.model.variant = args.model
   c.model.pretrained_path = args.backbone
   c.model.pretrained_input_norm = "minus_one_one"  # pretrained on our own [-1, 1] inputs
   c.clients.mode = "loop"  # one client: the same steps either way, loop is the faster mode on CPU

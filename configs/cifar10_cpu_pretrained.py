@@ -11,14 +11,14 @@ then the sweep (5 clients, Dirichlet alpha in {0.1, 0.3, 0.5}, 2 seeds):
 
 Args: backbone=PATH (required; a relative path is taken from the repo root), token_loss=<float>
 (clients.token_loss_weight: the per-token CE on patch tokens, 0 = plain ViT clients),
-model=<size>/<patch> (the backbone's variant; Mi/4, the pretraining default), alpha=, clients=.
+model=<size>/<patch> (the backbone's variant; Mu/4 as in cifar10_cpu_full and the
+pretraining default), alpha=, clients=.
 E.g. configs/cifar10_cpu_pretrained.py:backbone=W/backbone.npz,token_loss=0.5,alpha=0.3 runs
 one split with the per-token loss.
 
 Every client starts from the backbone, so FedAvg (their average), every distilled student (which
 starts from FedAvg, distill.init) and DENSE / Co-Boosting (same init) do too. Everything else is
-cifar10_cpu_full's budget; the model is the backbone's (Mi/4, not cifar10_cpu_full's Mu/4), so a
-run costs more than cifar10_cpu_full's 33-36 min. Each run's results.json holds the token
+cifar10_cpu_full's budget and model (Mu/4), so a run costs what a cifar10_cpu_full run does. Each run's results.json holds the token
 diagnostics of the clients and the ensemble (docs/diagnostics.md): the measure of whether the
 backbone gives the teachers' patch tokens the class evidence token relabel needs.
 """
@@ -38,7 +38,7 @@ def _full_config(arg: str):
 
 
 def get_config(arg: str = ""):
-  args = config_base.parse_arg(arg, alpha=0.1, clients=5, backbone="", token_loss=0.0, model="Mi/4")
+  args = config_base.parse_arg(arg, alpha=0.1, clients=5, backbone="", token_loss=0.0, model="Mu/4")
   if not args.backbone:
     raise ValueError("config arg 'backbone': not set; run the pretraining first (python -m "
                      "fedmitr_jax.pretrain --config configs/pretrain_fractal.py --workdir W) and pass "

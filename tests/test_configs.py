@@ -120,7 +120,7 @@ def test_pretrained_config_is_the_full_config_from_the_backbone():
   full = _flat(load("cifar10_cpu_full").get_config("alpha=0.3").to_dict())
   ours = _flat(load("cifar10_cpu_pretrained").get_config("backbone=W/b.npz,token_loss=0.5,alpha=0.3").to_dict())
   changed = {k: ours[k] for k in full if full[k] != ours[k]}
-  assert changed == {"model.variant": "Mi/4", "model.pretrained_path": "W/b.npz",
+  assert changed == {"model.pretrained_path": "W/b.npz",
                      "clients.token_loss_weight": 0.5}
 
 
