@@ -4,6 +4,7 @@ All checks run before anything is written, so bad input stops with one line nami
 and the fix, and leaves no half-written stage in the workdir.
 """
 import importlib.metadata
+import importlib.util
 import json
 import pathlib
 import platform
@@ -51,6 +52,9 @@ def check_config(config) -> None:
                      f"bank ({bank} images); lower it or raise inversion.num_batches")
   if config.clients.epochs <= 0 or config.clients.batch_size < 1:
     raise InputError("clients.epochs and clients.batch_size must be positive; fix the config")
+  if config.log.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+    raise InputError("log.tensorboard: tensorboardX is not installed; pip install tensorboardX (or the "
+                     "package's [tensorboard] extra), or set --config.log.tensorboard=False")
 
 
 def prepare(config, workdir):
@@ -91,8 +95,9 @@ def check_pretrained(config, num_classes: int) -> None:
 
 
 # Fields that may change on an existing workdir: `methods` only picks which method stages run
-# (each is its own stage), so adding a method to a finished run runs just the new one.
-MAY_CHANGE = ("methods",)
+# (each is its own stage), so adding a method to a finished run runs just the new one; `log` only
+# picks where metrics are written.
+MAY_CHANGE = ("methods", "log")
 
 
 def changed_fields(saved: dict, current: dict) -> list:
