@@ -1,6 +1,6 @@
 """Training curves a user can plot: every progress report of a run as one JSON line.
 
-  <workdir>/metrics.jsonl   {"stage": "distill_fedmitr", "step": 40, "loss": 1.93, "cls": 1.2, ...}
+  <workdir>/metrics.jsonl   {"stage": "distill_fedmitr", "step": 40, "loss": 1.93, "kd": 1.2, ...}
   <workdir>/tensorboard/    the same scalars as TensorBoard events (--config.log.tensorboard=True)
   <workdir>/curves.png      each stage's losses against step, drawn from metrics.jsonl
 
@@ -47,8 +47,8 @@ class MetricsWriter:
       try:
         from tensorboardX import SummaryWriter
       except ImportError:
-        raise ValueError("log.tensorboard: tensorboardX is not installed; pip install tensorboardX "
-                         "(or the package's [tensorboard] extra), or set --config.log.tensorboard=False") from None
+        raise ValueError("log.tensorboard: tensorboardX is not installed; pip install tensorboardX (or the "
+                         "package's [tensorboard] extra), or set --config.log.tensorboard=False") from None
       self._events = SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
 
   def write(self, stage: str, step: int, values: dict) -> None:

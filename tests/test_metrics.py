@@ -89,10 +89,10 @@ def test_tensorboard_off_writes_no_events_and_missing_package_is_one_line(tmp_pa
 
 
 def test_log_section_may_change_on_a_resumed_workdir():
-  saved = config_base.base_config().to_dict()
+  saved = json.loads(json.dumps(config_base.base_config().to_dict()))
   current = config_base.base_config()
   current.log.tensorboard = True
-  assert validate.changed_fields(json.loads(json.dumps(saved)), json.loads(json.dumps(current.to_dict()))) == []
+  assert validate.changed_fields(saved, json.loads(json.dumps(current.to_dict()))) == []
 
 
 def test_progress_reports_reach_the_file_only_while_recording(tmp_path, capsys):

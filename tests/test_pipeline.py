@@ -45,7 +45,8 @@ def test_smoke_run_leaves_metrics_of_every_stage_and_curves(smoke_run):
   # The rows are the progress lines: clients log every 5 of 7 steps (and the last), inversion every 4 of 8.
   assert sorted(table["clients"]) == [5, 7] and set(table["clients"][7]) == {"loss", "train_acc"}
   assert sorted(table["inversion_sparse 2/2"]) == [4, 8] and table["inversion_sparse 2/2"][8]["tokens"] == 4
-  assert {"loss", "kd", "token", "token_fg", "token_bg"} <= set(table["distill_fedmitr"][max(table["distill_fedmitr"])])
+  last_distill = table["distill_fedmitr"][max(table["distill_fedmitr"])]
+  assert {"loss", "kd", "token", "token_fg", "token_bg"} <= set(last_distill)
   assert {"g_loss", "kd", "w_min", "w_max"} <= set(table["distill_coboosting"][1])
   printed = first.stdout.count("] step ")
   assert sum(len(steps) for steps in table.values()) == printed  # one row per progress line
