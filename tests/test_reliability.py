@@ -214,6 +214,7 @@ def test_cli_nonfinite_loss_stops_with_the_stage_and_step(tmp_path):
   assert not (tmp_path / "nan/stages/clients/DONE").exists()
 
 
+@pytest.mark.slow
 def test_nonfinite_distillation_keeps_the_last_good_save(tmp_path):
   """A poisoned example (NaN soft label) stops distillation at the first step that sees it; the
   newest save is from before that step and holds finite parameters."""
