@@ -160,6 +160,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 500
   c.eval.ensemble_weighting = "uniform"  # weights of the client softmaxes: "uniform" | "data_size"
   c.eval.fedavg_weighting = "data_size"  # FedAvg parameter average weights (McMahan et al.: data size)
+
+  # ---- logging ----------------------------------------------------------------------------
+  # Every loop's progress metrics always go to <workdir>/metrics.jsonl, drawn as curves.png at the
+  # end (metrics.py). This section holds what is optional on top; it never changes a result, so
+  # it may differ when a workdir is resumed (validate.MAY_CHANGE).
+  c.log = ml_collections.ConfigDict()
+  c.log.tensorboard = False            # also TensorBoard events in <workdir>/tensorboard (tensorboardX)
   return c
 
 

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from fedmitr_jax import checkpoints, diagnostics, evaluate, guards, plots
+from fedmitr_jax import checkpoints, diagnostics, evaluate, guards, metrics, plots
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
 from fedmitr_jax.client import training
 from fedmitr_jax.data import partition as partition_lib
@@ -118,6 +118,13 @@ def run_baseline_eval(config, dataset, sizes, client_params, ensemble_weights, f
 
 
 def run(config, dataset, workdir) -> dict:
+  """Every stage, with each progress report of the run appended to <workdir>/metrics.jsonl;
+  <workdir>/curves.png is drawn from it when the run ends."""
+  with metrics.recording(workdir, tensorboard=config.log.tensorboard):
+    return run_stages(config, dataset, workdir)
+
+
+def run_stages(config, dataset, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   store = StageStore(workdir)
   parts = run_partition(config, dataset, store, workdir)

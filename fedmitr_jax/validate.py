@@ -5,6 +5,7 @@ and the fix, and leaves no half-written stage in the workdir.
 """
 import difflib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import pathlib
@@ -56,6 +57,9 @@ def check_config(config) -> None:
   if bank < config.distill.batch_size:
     raise InputError(f"distill.batch_size: {config.distill.batch_size} is larger than the synthetic "
                      f"bank ({bank} images); lower it or raise inversion.num_batches")
+  if config.log.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+    raise InputError("log.tensorboard: tensorboardX is not installed; pip install tensorboardX (or the "
+                     "package's [tensorboard] extra), or set --config.log.tensorboard=False")
 
 
 # ---- one rule per config field ----------------------------------------------------------------
@@ -212,6 +216,7 @@ FIELD_RULES = {
     "eval.batch_size": _int_at_least(1),
     "eval.ensemble_weighting": _choice("eval.ensemble_weighting"),
     "eval.fedavg_weighting": _choice("eval.fedavg_weighting"),
+    "log.tensorboard": FLAG,
 }
 for _field in config_base.CHOICES:  # a choice field added to CHOICES is checked without more code
   FIELD_RULES.setdefault(_field, _choice(_field))
@@ -269,8 +274,9 @@ def check_pretrained(config, num_classes: int) -> None:
 
 
 # Fields that may change on an existing workdir: `methods` only picks which method stages run
-# (each is its own stage), so adding a method to a finished run runs just the new one.
-MAY_CHANGE = ("methods",)
+# (each is its own stage), so adding a method to a finished run runs just the new one; `log` only
+# picks where metrics are written.
+MAY_CHANGE = ("methods", "log")
 
 
 def changed_fields(saved: dict, current: dict) -> list:

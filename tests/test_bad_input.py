@@ -79,6 +79,7 @@ def test_good_config_records_the_run(tmp_path):
   assert (tmp_path / "work" / "config.json").exists() and (tmp_path / "work" / "metadata.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_unknown_config_key_and_bad_value_exit_nonzero(tmp_path):
   env = dict(os.environ, XLA_FLAGS="")
   base = [sys.executable, "-m", "fedmitr_jax.main", "--config", str(REPO / "configs/smoke.py"),

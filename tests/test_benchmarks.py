@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each variant compiles full training steps (~20-40 CPU-s)
 _BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 

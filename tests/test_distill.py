@@ -67,6 +67,7 @@ def test_roll_flip_moves_patches_with_their_index():
       assert np.allclose(aug[b, p], orig[b, i]) or np.allclose(aug[b, p], orig[b, i][:, ::-1])
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step_without_retracing():
   assert jax.device_count() == 8, "conftest sets 8 CPU devices"
   model = vit.build_vit("test/4", 5, image_size=16, separate_token_head=True)

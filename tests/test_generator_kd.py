@@ -87,6 +87,7 @@ def _tiny_config(rounds=2):
   return c
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   """A run stopped after round 1 of 2 and resumed ends with the same student as one that ran
   straight through. Co-Boosting: its state (pool, student, ensemble weights) is DENSE's plus w."""

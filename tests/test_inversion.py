@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fedmitr_jax import config_base
 from fedmitr_jax.models import patches, vit
@@ -61,6 +62,7 @@ def test_step_changes_only_kept_patches_and_stays_in_range():
   assert float(new.pixels.max()) <= 1.0 and float(new.pixels.min()) >= -1.0
 
 
+@pytest.mark.slow
 def test_sparse_stages_really_forward_fewer_tokens():
   """Real token dropping: the compiled step of a later stage costs fewer FLOPs."""
   model, stacked, w = _teachers(variant="test/2")
@@ -88,6 +90,7 @@ def test_prune_keeps_top_attention_patches():
   np.testing.assert_array_equal(np.asarray(kept), expected)
 
 
+@pytest.mark.slow
 def test_synthesize_sparse_and_dense_banks():
   model, stacked, w = _teachers()
   cfg = _cfg()
@@ -115,6 +118,7 @@ def test_balanced_labels():
   assert np.bincount(labels, minlength=10).min() == 2 and np.bincount(labels).max() == 3
 
 
+@pytest.mark.slow
 def test_synthesis_sharded_over_8_devices_equals_one_device():
   from fedmitr_jax import sharding
   assert jax.device_count() == 8

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+pytestmark = pytest.mark.slow  # processes joined over loopback, each running the entry point
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "sparse_kd", "fedmitr")
 DISTILLED = ("distill_sparse_kd", "distill_fedmitr")

@@ -1,30 +1,19 @@
-"""The real entry point, end to end on the smoke config, then again to check it resumes."""
+"""The real entry point, end to end on the smoke config, then again to check it resumes.
+
+`smoke_run` (conftest.py) is one run shared by the session; tests that rerun on a workdir rerun
+on a copy of it.
+"""
 import json
-import os
-import pathlib
-import subprocess
-import sys
+import shutil
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import run_main
+from fedmitr_jax import metrics
+
+pytestmark = pytest.mark.slow  # every test here runs the entry point
 ALL_METHODS = {"fedavg", "ensemble", "dense_kd", "sparse_kd", "dense_relabel", "fedmitr", "dense",
                "coboosting"}
-
-
-def run_main(workdir, *overrides, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  cmd = [sys.executable, "-m", "fedmitr_jax.main", "--config", str(REPO / "configs/smoke.py"),
-         "--workdir", str(workdir), *overrides]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("smoke")
-  first = run_main(workdir)
-  assert first.returncode == 0, first.stderr[-3000:]
-  return workdir, first
 
 
 def test_smoke_run_writes_all_results_and_pictures(smoke_run):
@@ -53,8 +42,27 @@ def test_smoke_run_writes_all_results_and_pictures(smoke_run):
     assert (workdir / "stages" / stage / "DONE").exists()
 
 
-def test_rerun_reuses_every_finished_stage(smoke_run):
+def test_smoke_run_leaves_metrics_of_every_stage_and_curves(smoke_run):
   workdir, first = smoke_run
+  table = metrics.read_metrics(workdir / "metrics.jsonl")
+  groups = metrics.stage_groups(table)
+  assert set(groups) == {"clients", "inversion_dense", "inversion_sparse"} | {f"distill_{m}" for m in (
+      "dense_kd", "sparse_kd", "dense_relabel", "fedmitr", "dense", "coboosting")}
+  assert groups["inversion_sparse"] == ["inversion_sparse 1/2", "inversion_sparse 2/2"]
+  # The rows are the progress lines: clients log every 5 of 7 steps (and the last), inversion every 4 of 8.
+  assert sorted(table["clients"]) == [5, 7] and set(table["clients"][7]) == {"loss", "train_acc"}
+  assert sorted(table["inversion_sparse 2/2"]) == [4, 8] and table["inversion_sparse 2/2"][8]["tokens"] == 4
+  last_distill = table["distill_fedmitr"][max(table["distill_fedmitr"])]
+  assert {"loss", "kd", "token", "token_fg", "token_bg"} <= set(last_distill)
+  assert {"g_loss", "kd", "w_min", "w_max"} <= set(table["distill_coboosting"][1])
+  printed = first.stdout.count("] step ")
+  assert sum(len(steps) for steps in table.values()) == printed  # one row per progress line
+  assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not (workdir / "tensorboard").exists()  # log.tensorboard is off by default
+
+
+def test_rerun_reuses_every_finished_stage(smoke_run, tmp_path):
+  workdir = shutil.copytree(smoke_run[0], tmp_path / "copy")
   before = json.loads((workdir / "results.json").read_text())
   second = run_main(workdir)
   assert second.returncode == 0, second.stderr[-3000:]
@@ -71,12 +79,11 @@ def test_unfinished_client_stage_resumes_from_its_last_save(smoke_run, tmp_path)
   """Remove the clients' DONE and result: the rerun restores the last progress save (step 4 of
   7) instead of starting over, and ends with the same client accuracies."""
   workdir, _ = smoke_run
-  copy = tmp_path / "copy"
-  subprocess.run(["cp", "-r", str(workdir), str(copy)], check=True)
+  copy = shutil.copytree(workdir, tmp_path / "copy")
   for stage in ("clients", "inversion_dense", "inversion_sparse", "distill_dense_kd", "distill_sparse_kd",
                 "distill_dense_relabel", "distill_fedmitr", "distill_dense", "distill_coboosting"):
     (copy / "stages" / stage / "DONE").unlink()
-  subprocess.run(["rm", "-rf", str(copy / "stages" / "clients" / "result")], check=True)
+  shutil.rmtree(copy / "stages" / "clients" / "result")
   third = run_main(copy)
   assert third.returncode == 0, third.stderr[-3000:]
   assert "[clients] resuming at step 4" in third.stdout
@@ -86,8 +93,8 @@ def test_unfinished_client_stage_resumes_from_its_last_save(smoke_run, tmp_path)
   assert new["methods"]["fedavg"]["test_acc"] == ref["methods"]["fedavg"]["test_acc"]
 
 
-def test_changed_config_on_same_workdir_is_refused(smoke_run):
-  workdir, _ = smoke_run
+def test_changed_config_on_same_workdir_is_refused(smoke_run, tmp_path):
+  workdir = shutil.copytree(smoke_run[0], tmp_path / "copy")
   result = run_main(workdir, "--config.partition.alpha=0.3")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: workdir:")

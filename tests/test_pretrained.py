@@ -492,6 +492,7 @@ def test_run_clients_starts_from_the_file(tmp_path, monkeypatch):
   _assert_same_weights(seen["init"], flat)
 
 
+@pytest.mark.slow
 def test_cli_wrong_shape_file_exits_2_and_writes_nothing(tmp_path):
   path = _vit_jax_file(tmp_path, _random_weights(_model("Mu/8")[1]))  # smoke is test/8: width 32
   env = dict(os.environ, XLA_FLAGS="")

@@ -94,6 +94,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_in_every_stage_then_resume_gives_the_same_results(reference, tmp_path):
   workdir = tmp_path / "killed"
   # 1. Killed during client training.
@@ -128,6 +129,7 @@ def test_sigkill_in_every_stage_then_resume_gives_the_same_results(reference, tm
   assert accuracies(workdir) == accuracies(reference)
 
 
+@pytest.mark.slow
 def test_sigkill_in_looped_clients_resumes_inside_the_client(tmp_path):
   """clients.mode=loop (one client after another) saves every checkpoint_every_steps global steps
   and at the end of each client, so a kill costs only the steps since the last save."""
@@ -152,6 +154,7 @@ def test_sigkill_in_looped_clients_resumes_inside_the_client(tmp_path):
 
 
 @pytest.mark.parametrize("first, second", [(8, 1), (1, 8)])
+@pytest.mark.slow
 def test_distillation_saved_on_one_topology_resumes_on_another(reference, tmp_path, first, second):
   """Rolling saves made with `first` devices restore with `second` devices. The data-parallel
   sum runs in another order on another device count, so the result is checked for closeness."""
@@ -170,6 +173,7 @@ def test_distillation_saved_on_one_topology_resumes_on_another(reference, tmp_pa
   assert abs(got - ref) <= 0.02, (got, ref)  # 200 test images: at most 4 flipped predictions
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(reference, tmp_path):
   """A file-size limit makes every large write fail as a full disk would (EFBIG instead of
   ENOSPC): the run stops with one line, and the same command finishes once space is back.
@@ -187,7 +191,9 @@ def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(reference, tmp_
                 "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY)); "
                 "sys.argv = ['main'] + sys.argv[1:]; runpy.run_module('fedmitr_jax.main', run_name='__main__')")
   cmd = [sys.executable, "-c", small_disk] + command(workdir)[3:]
-  full = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
+  # Without the session's compilation cache: the limit would cut its larger entries short.
+  no_cache = dict(environment(), JAX_ENABLE_COMPILATION_CACHE="false")
+  full = subprocess.run(cmd, cwd=REPO, env=no_cache, capture_output=True, text=True, timeout=TIMEOUT)
   assert full.returncode == 4, full.stderr[-3000:]
   last = full.stderr.strip().splitlines()[-1]
   assert last.startswith("error: workdir: disk full while saving under") and "rerun" in last
@@ -198,6 +204,7 @@ def test_disk_full_while_saving_is_one_line_and_a_rerun_finishes(reference, tmp_
   assert accuracies(workdir) == accuracies(reference)
 
 
+@pytest.mark.slow
 def test_cli_nonfinite_loss_stops_with_the_stage_and_step(tmp_path):
   result = subprocess.run(command(tmp_path / "nan", "--config.clients.lr=1e30"), cwd=REPO,
                           env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
@@ -207,6 +214,7 @@ def test_cli_nonfinite_loss_stops_with_the_stage_and_step(tmp_path):
   assert not (tmp_path / "nan/stages/clients/DONE").exists()
 
 
+@pytest.mark.slow
 def test_nonfinite_distillation_keeps_the_last_good_save(tmp_path):
   """A poisoned example (NaN soft label) stops distillation at the first step that sees it; the
   newest save is from before that step and holds finite parameters."""

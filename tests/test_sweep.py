@@ -55,6 +55,7 @@ def test_changed_fields_ignores_methods_and_fields_new_to_the_code():
   assert validate.changed_fields(saved, dict(same, distill={"tau": 1.0})) == ["distill.tau"]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_then_reuses(tmp_path):
   cmd = [sys.executable, "-m", "fedmitr_jax.sweep", "--config", str(REPO / "configs/smoke.py"),
          "--workdir", str(tmp_path), "--alphas", "0.5,1", "--seeds", "3",

@@ -34,6 +34,7 @@ def test_outputs_and_attention_shapes():
   assert bool(jnp.all(out["cls_attention"] > 0)) and bool(jnp.all(patch_mass < 1.0))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_outputs_close_to_float32():
   """model.dtype='bfloat16': same parameters, bf16 activations; logits, token logits and the
   attention scores come back float32 and agree with the float32 model to bf16 precision."""

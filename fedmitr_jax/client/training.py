@@ -145,6 +145,7 @@ def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *
     step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, t)
     states, metrics = vstep(states, images[idx], labels[idx].astype(np.int32),
                             plan.mask[:, t], totals, step_rngs)
+    progress.step_done()
     if guard is not None:
       guard.update(t + 1, metrics["loss"])
     if on_step is not None:
@@ -179,6 +180,7 @@ def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *
       idx = plan.index[k, t]
       state, metrics = jstep(state, images[idx], labels[idx].astype(np.int32), plan.mask[k, t],
                              totals[k], jax.random.fold_in(rngs[k], t))
+      progress.step_done()
       g = int(offsets[k]) + t + 1
       if guard is not None:
         guard.update(g, metrics["loss"])

@@ -141,6 +141,7 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
     idx = batch_indices(bank_size, cfg.batch_size, t, seed)
     batch = sharding.put_global({k: bank[k][idx] for k in keys}, split)  # multi-process safe
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, t))
+    progress.step_done()
     guard.update(t + 1, metrics["loss"])
     if manager is not None and (t + 1) % cfg.checkpoint_every_steps == 0:
       guard.check(last_save())  # never save a state that came from a NaN

@@ -229,6 +229,7 @@ def train(method, config, teacher, student, client_params, weights, init_params,
     guard.check(manager.latest_step())  # steps are counted in rounds here
     state.update(student=student_state, weights=w, rounds_done=np.int32(r + 1))
     manager.save(r + 1, args=checkpoints.standard_save(state))
+    progress.step_done()
     progress.report(r + 1, g_loss=gen.best_loss, kd=kd_loss, **(
         {"w_min": jnp.min(w), "w_max": jnp.max(w)} if method == "coboosting" else {}))
   manager.wait_until_finished()

@@ -162,6 +162,7 @@ def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *,
                             best_ce=jnp.full_like(state.best_ce, jnp.inf))
     for it in range(start, stop):
       state, metrics = step(state, labels, client_params, weights, jax.random.fold_in(rng, it))
+      progress.step_done()
       guard.update(it + 1, metrics["loss"])
       if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
         progress.report(it + 1, loss=metrics["loss"], ce=metrics["ce"], tokens=counts[stage])

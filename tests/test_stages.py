@@ -1,0 +1,111 @@
+"""Fast unit tests of the stage helpers the end-to-end runs use: the synthetic bank stage, student
+stages, evaluation, the NaN guard and the bank picture, on a tiny ViT (test/8 at 16 px, 4 patches)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedmitr_jax import checkpoints, config_base, evaluate, guards, metrics, plots
+from fedmitr_jax.models import vit
+from fedmitr_jax.server import data_free, inversion, synthetic_bank
+
+
+def _teachers(num=3, classes=4):
+  model = vit.build_vit("test/8", classes, image_size=16)
+  base = vit.init_params(model, jax.random.key(0), 16)
+  keys = jax.random.split(jax.random.key(1), num)
+  stacked = jax.vmap(lambda k: jax.tree.map(
+      lambda p: p + 0.2 * jax.random.normal(jax.random.fold_in(k, p.size), p.shape), base))(keys)
+  return model, stacked
+
+
+def test_bank_stage_fills_every_batch_reports_metrics_and_reloads(tmp_path):
+  model, stacked = _teachers(num=2)
+  cfg = config_base.base_config().inversion
+  cfg.num_batches, cfg.batch_size, cfg.iterations, cfg.stops, cfg.log_every = 2, 8, 2, (1,), 1
+  inverter = inversion.Inverter(model, cfg, 16)
+  store = checkpoints.StageStore(tmp_path / "work")
+  with metrics.recording(tmp_path / "work", curves=False):
+    bank, facts = synthetic_bank.build_bank("inversion_sparse", inverter, stacked, [0.5, 0.5],
+                                            num_classes=4, seed=0, sparse=True, store=store)
+  assert facts["images"] == 16 and facts["tokens_per_stage"] == [4, 2] and len(facts["seconds_per_batch"]) == 2
+  assert bank["images"].shape == (16, 16, 16, 3) and int(bank["batches_done"]) == 2
+  assert (bank["masks"].sum(1) == 2).all()  # one stop: 30% of the 4 patches dropped, rounded
+  assert np.bincount(bank["labels"], minlength=4).tolist() == [4, 4, 4, 4]
+  np.testing.assert_allclose(bank["token_probs"].sum(-1), 1.0, rtol=1e-5)
+  assert np.abs(bank["images"]).max() <= 1.0 and not (bank["images"][:8] == bank["images"][8:]).all()
+  table = metrics.read_metrics(tmp_path / "work" / metrics.METRICS_FILE)
+  assert sorted(table) == ["inversion_sparse 1/2", "inversion_sparse 2/2"]
+  assert [row["tokens"] for row in table["inversion_sparse 2/2"].values()] == [4, 2]
+  again, again_facts = synthetic_bank.build_bank("inversion_sparse", inverter, stacked, [0.5, 0.5],
+                                                 num_classes=4, seed=0, sparse=True, store=store)
+  assert again_facts == json.loads(json.dumps(facts))
+  for key in synthetic_bank.BANK_KEYS:
+    np.testing.assert_array_equal(np.asarray(again[key]), bank[key])
+  plots.save_bank_grid(bank, ["a", "b", "c", "d"], "test/8", tmp_path / "bank.png", per_class=2)
+  assert (tmp_path / "bank.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_student_stage_trains_once_then_loads(tmp_path):
+  store = checkpoints.StageStore(tmp_path)
+  init = {"w": jnp.zeros((3,)), "b": jnp.ones((2, 2))}
+  calls = []
+
+  def train(params, manager):
+    calls.append(manager is not None)
+    return jax.tree.map(lambda p: p + 1.5, params), {"seconds": 0.25, "steps": 3}
+
+  params, facts = data_free.load_or_train(store, "distill_x", init, train)
+  loaded, loaded_facts = data_free.load_or_train(store, "distill_x", init, train)
+  assert calls == [True] and store.is_done("distill_x")
+  assert loaded_facts == facts == {"seconds": 0.25, "steps": 3}
+  np.testing.assert_array_equal(np.asarray(loaded["w"]), np.full((3,), 1.5))
+  np.testing.assert_array_equal(np.asarray(loaded["b"]), np.full((2, 2), 2.5))
+
+
+def test_student_init_starts_from_fedavg_with_its_head_as_token_head():
+  config = config_base.base_config()
+  config.dataset.image_size, config.model.variant = 16, "test/8"
+  student = vit.build_vit("test/8", 4, image_size=16, separate_token_head=True)
+  fedavg = vit.init_params(vit.build_vit("test/8", 4, image_size=16), jax.random.key(3), 16)
+  params = data_free.student_init(config, student, fedavg)
+  np.testing.assert_array_equal(np.asarray(params["token_head"]["kernel"]), np.asarray(fedavg["head"]["kernel"]))
+  assert params["head"]["kernel"] is not fedavg["head"]["kernel"]  # fresh buffers: the step donates them
+  config.distill.init = "random"
+  shapes = jax.tree.map(jnp.shape, data_free.student_init(config, student, fedavg))
+  assert shapes == jax.tree.map(jnp.shape, vit.init_params(student, jax.random.key(0), 16))
+
+
+def test_evaluation_of_clients_ensemble_and_fedavg():
+  model, stacked = _teachers(num=2)
+  images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)  # 10: a padded batch
+  forward = jax.jit(lambda params: model.apply({"params": params}, evaluate.datasets.normalize(images))[0])
+  logits = [np.asarray(forward(jax.tree.map(lambda p: p[k], stacked))) for k in range(2)]
+  weights = np.array([0.25, 0.75], np.float32)
+  ensemble_labels = (weights[:, None, None] * np.stack([jax.nn.softmax(x) for x in logits])).sum(0).argmax(-1)
+  client_acc, ensemble_acc = evaluate.client_and_ensemble_accuracy(model, stacked, images, ensemble_labels, 4,
+                                                                   weights)
+  assert ensemble_acc == 1.0
+  assert client_acc == [float((x.argmax(-1) == ensemble_labels).mean()) for x in logits]
+  first = jax.tree.map(lambda p: p[0], stacked)
+  assert evaluate.accuracy(model, first, images, logits[0].argmax(-1), 4) == 1.0
+  np.testing.assert_allclose(evaluate.client_weights([10, 30], "data_size"), [0.25, 0.75])
+  np.testing.assert_allclose(evaluate.client_weights([10, 30], "uniform"), [0.5, 0.5])
+  averaged = evaluate.fedavg_params(stacked, weights)
+  np.testing.assert_allclose(averaged["head"]["kernel"],
+                             0.25 * stacked["head"]["kernel"][0] + 0.75 * stacked["head"]["kernel"][1], rtol=1e-5, atol=1e-7)
+
+
+def test_guard_names_the_stage_the_first_bad_step_and_the_kept_save():
+  guard = guards.FiniteGuard("distill_x", "distill.lr")
+  guard.update(1, jnp.array(0.5))
+  guard.check(last_save=None)  # all finite: nothing raised
+  guard.update(2, jnp.array([1.0, jnp.nan]))
+  guard.update(3, jnp.array(jnp.inf))
+  with pytest.raises(guards.NonFiniteError, match=r"^\[distill_x\] the loss became non-finite at step 2; "
+                                                   r".*last good save \(step 1\) is kept; lower distill.lr"):
+    guard.check(last_save=1)
+  with pytest.raises(guards.NonFiniteError, match="nothing of it was saved"):
+    guard.check()
