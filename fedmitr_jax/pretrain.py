@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmitr_jax import checkpoints, config_base, guards
+from fedmitr_jax import checkpoints, config_base, guards, metrics
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
 from fedmitr_jax.client import training
 from fedmitr_jax.data import datasets, fractal
@@ -146,7 +146,8 @@ def run(config, workdir) -> dict:
     params = store.load_result(STAGE, checkpoints.abstract_like(state.params))
     facts = store.load_facts(STAGE)
   else:
-    params, facts = _train(config, model, tx, state, clock, store)
+    with metrics.recording(workdir):  # progress reports -> W/metrics.jsonl, W/curves.png
+      params, facts = _train(config, model, tx, state, clock, store)
   if jax.process_index() == 0:
     pretrained.save_backbone(params, workdir / "backbone.npz")
     save_samples(renderer, clock.seed, p.sample_images, workdir / "fractal_samples.png")
@@ -171,9 +172,10 @@ def _train(config, model, tx, state, clock, store):
     try:
       for t in range(start, p.steps):
         batch = source.get(t) if source else clock(t)
-        state, metrics = step_fn(state, batch["images"], batch["tokens"], batch["labels"])
-        guard.update(t + 1, metrics["loss"])
-        window.append(metrics)
+        state, step_metrics = step_fn(state, batch["images"], batch["tokens"], batch["labels"])
+        progress.step_done()
+        guard.update(t + 1, step_metrics["loss"])
+        window.append(step_metrics)
         if (t + 1) % p.checkpoint_every_steps == 0 and t + 1 < p.steps:
           guard.check(manager.latest_step())  # never save a state that came from a NaN
           manager.save(t + 1, args=checkpoints.standard_save(state))
