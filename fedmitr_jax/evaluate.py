@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedmitr_jax.data import datasets
+from fedmitr_jax.server import ensemble
 
 
 def client_weights(sizes, weighting: str) -> np.ndarray:
@@ -17,10 +18,11 @@ def client_weights(sizes, weighting: str) -> np.ndarray:
   raise ValueError(f"eval weighting: '{weighting}' is unknown; use 'uniform' or 'data_size'")
 
 
-def fedavg_params(client_params, weights):
-  """One-shot FedAvg: the (weighted) average of the client parameters."""
+def fedavg_params(client_params, weights, rule=ensemble.MEAN):
+  """One-shot FedAvg: the (weighted) average of the client parameters; under a robust `rule`
+  their coordinate-wise median / trimmed mean (Yin et al.'s robust aggregation)."""
   w = jnp.asarray(weights, jnp.float32)
-  return jax.tree.map(lambda p: jnp.tensordot(w, p, axes=1), client_params)
+  return jax.tree.map(lambda p: ensemble.combine(p, rule, space="param", weights=w), client_params)
 
 
 def _batches(num: int, batch_size: int):
@@ -59,18 +61,22 @@ def accuracy(model, params, images, labels, batch_size: int, token_weight: float
   return correct / len(images)
 
 
-def client_and_ensemble_accuracy(model, client_params, images, labels, batch_size: int, weights):
-  """Per-client accuracies and the accuracy of the ensemble (mean of the client *softmaxes*)."""
-  num_clients = len(weights)
+def client_and_ensemble_accuracy(model, client_params, images, labels, batch_size: int, weights,
+                                 rule=ensemble.MEAN, members=None):
+  """Per-client accuracies of every client and the accuracy of the ensemble of `members` (all
+  clients when None; `weights` are theirs), client *softmaxes* combined by `rule`."""
+  num_clients = jax.tree.leaves(client_params)[0].shape[0]
+  members = np.arange(num_clients) if members is None else np.asarray(members)
   correct = np.zeros(num_clients, np.int64)
   ensemble_correct = 0
-  w = np.asarray(weights, np.float32)[:, None, None]
+  w = np.asarray(weights, np.float32)
   for start, stop in _batches(len(images), batch_size):
     probs = np.asarray(_predict_stacked_probs(model, client_params,
                                               _padded(images, start, stop, batch_size)))[:, : stop - start]
     truth = labels[start:stop]
     correct += (probs.argmax(-1) == truth[None]).sum(axis=1)
-    ensemble_correct += int(((probs * w).sum(0).argmax(-1) == truth).sum())
+    combined = ensemble.combine(probs[members], rule, space="prob", weights=w)
+    ensemble_correct += int((combined.argmax(-1) == truth).sum())
   return (correct / len(images)).tolist(), ensemble_correct / len(images)
 
 

@@ -12,9 +12,11 @@ import subprocess
 import jax
 
 from fedmitr_jax import checkpoints, config_base, sharding
+from fedmitr_jax.client import attacks
 from fedmitr_jax.data import datasets, partition as partition_lib
 from fedmitr_jax.models import pretrained, vit
 from fedmitr_jax.progress import log
+from fedmitr_jax.server import ensemble
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
             "ml-collections", "chex", "numpy")
@@ -31,6 +33,8 @@ def check_config(config) -> None:
     partition_lib.check_partition_config(config.partition)
     vit.build_vit(config.model.variant, 2, image_size=config.dataset.image_size)
     vit.compute_dtype(config.model.dtype)
+    attacks.check_attack_config(config.attack, config.partition.num_clients)
+    ensemble.rule_from_config(config.eval)
   except ValueError as e:
     raise InputError(str(e)) from None
   for field, allowed in config_base.CHOICES.items():
@@ -49,6 +53,10 @@ def check_config(config) -> None:
   if bank < config.distill.batch_size:
     raise InputError(f"distill.batch_size: {config.distill.batch_size} is larger than the synthetic "
                      f"bank ({bank} images); lower it or raise inversion.num_batches")
+  if not config.eval.screen_z > 0:
+    raise InputError(f"eval.screen_z: {config.eval.screen_z} must be positive (3.5 is the usual cut-off)")
+  if config.eval.screen_probe_images < 2:
+    raise InputError(f"eval.screen_probe_images: {config.eval.screen_probe_images} is too few; use 2 or more")
   if config.clients.epochs <= 0 or config.clients.batch_size < 1:
     raise InputError("clients.epochs and clients.batch_size must be positive; fix the config")
 
