@@ -139,7 +139,8 @@ def run_screening(config, model, client_params, sizes):
   members = [k for k in range(len(sizes)) if k not in facts["dropped"]]
   kept = ", dropped from the server" if facts["dropped"] else " (kept: eval.screen_clients=False)"
   log(f"[screening] flagged {facts['flagged']}{kept if facts['flagged'] else ''}, "
-      f"param z {np.round(facts['param_z'], 1).tolist()}, agreement z {np.round(facts['agreement_z'], 1).tolist()}")
+      f"param z {np.round(facts['param_z'], 1).tolist()}, "
+      f"agreement z {np.round(facts['agreement_z'], 1).tolist()}")
   return facts, members, probs
 
 

@@ -86,7 +86,8 @@ def test_agreement_weights_match_hand_computation_and_downweight_the_odd_one():
   # a_2 = mean(0, 0.25) = 0.125.
   a = ensemble.agreement_scores(p, np.full(3, 1 / 3))
   np.testing.assert_allclose(a, [0.375, 0.5, 0.125])
-  np.testing.assert_allclose(ensemble.agreement_weights(p, np.full(3, 1 / 3)), np.array([0.375, 0.5, 0.125]) / 1.0)
+  # uniform base weights: the weights are the scores renormalised (they already sum to 1)
+  np.testing.assert_allclose(ensemble.agreement_weights(p, np.full(3, 1 / 3)), [0.375, 0.5, 0.125])
   assert ensemble.Rule("agreement").weighted and not MEDIAN.weighted
 
 
@@ -96,9 +97,9 @@ def test_robust_rules_reach_distillation_targets_and_fedavg():
   batch = {"teacher_logits": teacher_logits, "labels": jnp.array([0]), "masks": jnp.ones((1, 2), bool),
            "token_probs": jnp.full((1, 2, 2), 0.5)}
   cls = jnp.zeros((1, 2))
-  mean_kd, _ = distill.relabel_loss(cls, jnp.zeros((1, 2, 2)), batch, tau=1.0, beta=0.0, relabel_target="token")
-  med_kd, _ = distill.relabel_loss(cls, jnp.zeros((1, 2, 2)), batch, tau=1.0, beta=0.0, relabel_target="token",
-                                   rule=MEDIAN)
+  kd = lambda rule: distill.relabel_loss(cls, jnp.zeros((1, 2, 2)), batch, tau=1.0, beta=0.0,
+                                         relabel_target="token", rule=rule)[0]
+  mean_kd, med_kd = kd(ensemble.MEAN), kd(MEDIAN)
   p_med = np.median(np.asarray(jax.nn.softmax(teacher_logits[0], -1)), 0)
   p_med = p_med / p_med.sum()
   want = float(np.sum(p_med * (np.log(p_med) - np.log(0.5))))
@@ -111,7 +112,8 @@ def test_robust_rules_reach_distillation_targets_and_fedavg():
 # ---- screening -----------------------------------------------------------------------------
 def _clients(num=5, seed=0):
   """Stacked fake uploads: a shared init plus small per-client updates."""
-  init = {"a": jax.random.normal(jax.random.key(seed), (50,)), "b": jax.random.normal(jax.random.key(1), (4, 6))}
+  init = {"a": jax.random.normal(jax.random.key(seed), (50,)),
+          "b": jax.random.normal(jax.random.key(1), (4, 6))}
   keys = jax.random.split(jax.random.key(seed + 2), num)
   return init, jax.vmap(lambda k: jax.tree.map(lambda p: p + 0.1 * jax.random.normal(k, p.shape), init))(keys)
 
@@ -153,3 +155,30 @@ def test_probe_images_are_seeded_and_in_range():
   np.testing.assert_array_equal(a, b)
   assert a.shape == (6, 16, 16, 3) and float(a.min()) >= -1.0 and float(a.max()) <= 1.0
   assert not np.array_equal(a, screening.probe_images(1, 6, 16))
+
+
+# ---- the entry point -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_smoke_run_with_a_scaled_upload_screens_it_and_uses_the_median(tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, "-m", "fedmitr_jax.main", "--config", str(repo / "configs/smoke.py"),
+         "--workdir", str(tmp_path), "--config.attack.num_malicious=1", "--config.attack.kind=scaled",
+         "--config.eval.ensemble_rule=median",
+         "--config.methods=('fedavg','ensemble','fedmitr','coboosting')"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["attack"]["kind"] == "scaled" and results["attack"]["indices"] == [2]
+  assert results["attack"]["scale"] == 100.0
+  screen = results["screening"]
+  assert screen["flagged"] == [2] and screen["param_z"][2] > screen["z_threshold"]
+  assert screen["dropped"] == []  # eval.screen_clients is off by default: reported, not dropped
+  assert results["ensemble_rule"]["rule"] == "median" and results["ensemble_rule"]["members"] == [0, 1, 2]
+  assert set(results["methods"]) == {"fedavg", "ensemble", "fedmitr", "coboosting"}
+  for entry in results["methods"].values():
+    assert 0.0 <= entry["test_acc"] <= 1.0

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("random", "label_flip", "scaled", "sign_flip", "noise")
+from fedmitr_jax import config_base
+
+KINDS = config_base.CHOICES["attack.kind"]
 
 
 def malicious_indices(num_clients: int, num_malicious: int) -> list[int]:

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RULES = ("mean", "median", "trimmed_mean", "agreement")
+from fedmitr_jax import config_base
+
+RULES = config_base.CHOICES["eval.ensemble_rule"]
 # What the combined values are; it picks today's mean formula and whether a robust result is
 # renormalised over classes (the last axis).
 SPACES = ("prob", "log_prob", "logit", "score", "param")

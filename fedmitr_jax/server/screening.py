@@ -38,7 +38,8 @@ def probe_images(seed: int, num: int, image_size: int) -> jnp.ndarray:
 
 def client_probs(model, client_params, images, mode: str = "loop") -> np.ndarray:
   """Softmax of every client on `images`: [K, B, C]."""
-  logits, _ = jax.jit(lambda p, x: ensemble.per_teacher(model, p, x, None, False, mode))(client_params, images)
+  run = jax.jit(lambda p, x: ensemble.per_teacher(model, p, x, None, False, mode))
+  logits, _ = run(client_params, images)
   return np.asarray(jax.nn.softmax(logits, -1), np.float64)
 
 
