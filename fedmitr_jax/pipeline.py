@@ -112,6 +112,8 @@ def run_attack(config, dataset, parts, client_params, store: StageStore):
   """The uploads the server receives: the honest clients' parameters with the configured attack
   applied (unchanged when attack.num_malicious = 0). Returns (client_params, facts)."""
   a = config.attack
+  if not a.num_malicious:  # nothing to replace (and no need to rebuild the shared init)
+    return attacks.apply_attack(client_params, None, a, config.seed)
   model = client_model(config, dataset)
   flipped = None
   if a.kind == "label_flip" and a.num_malicious:
@@ -121,8 +123,7 @@ def run_attack(config, dataset, parts, client_params, store: StageStore):
   fresh_init = lambda rng: vit.init_params(model, rng, config.dataset.image_size)
   uploads, facts = attacks.apply_attack(client_params, shared_init(config, model), a, config.seed,
                                         fresh_init=fresh_init, flipped_params=flipped)
-  if a.num_malicious:
-    log(f"[attack] {a.kind} uploads from clients {facts['indices']}")
+  log(f"[attack] {a.kind} uploads from clients {facts['indices']}")
   return uploads, facts
 
 

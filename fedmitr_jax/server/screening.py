@@ -44,15 +44,19 @@ def client_probs(model, client_params, images, mode: str = "loop") -> np.ndarray
 
 
 def median_distances(client_params) -> np.ndarray:
-  """median_j != k ||w_k - w_j|| for every client k (float64 on the host)."""
-  flat = np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1)
-                         for x in jax.tree.leaves(client_params)], axis=1)
-  num = flat.shape[0]
-  dist = np.zeros((num, num))
-  for i in range(num):
-    for j in range(i + 1, num):
-      dist[i, j] = dist[j, i] = np.linalg.norm(flat[i] - flat[j])
-  return np.array([np.median(np.delete(dist[k], k)) for k in range(num)]) if num > 1 else np.zeros(1)
+  """median_j != k ||w_k - w_j|| for every client k (float64 on the host, one leaf at a time, so a
+  large model never needs all K flattened copies in memory at once)."""
+  leaves = jax.tree.leaves(client_params)
+  num = leaves[0].shape[0]
+  squared = np.zeros((num, num))
+  for leaf in leaves:
+    x = np.asarray(leaf, np.float64).reshape(num, -1)
+    for i in range(num):
+      squared[i] += np.sum((x - x[i]) ** 2, axis=1)
+  dist = np.sqrt(squared)
+  if num == 1:
+    return np.zeros(1)
+  return np.array([np.median(np.delete(dist[k], k)) for k in range(num)])
 
 
 def robust_z(values) -> np.ndarray:
