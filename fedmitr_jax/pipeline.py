@@ -116,7 +116,7 @@ def run_attack(config, dataset, parts, client_params, store: StageStore):
     return attacks.apply_attack(client_params, None, a, config.seed)
   model = client_model(config, dataset)
   flipped = None
-  if a.kind == "label_flip" and a.num_malicious:
+  if a.kind == "label_flip":
     chosen = attacks.malicious_indices(len(parts), a.num_malicious)
     flipped = run_clients(config, dataset, [parts[k] for k in chosen], store, stage="clients_label_flip",
                           train_labels=attacks.flipped_labels(dataset.train_labels, dataset.num_classes))
@@ -133,7 +133,7 @@ def run_screening(config, model, client_params, sizes):
   e = config.eval
   probe = screening.probe_images(config.seed, e.screen_probe_images, config.dataset.image_size)
   probs = screening.client_probs(model, client_params, probe, config.inversion.teachers_mode)
-  facts = screening.screen(client_params, probs, np.asarray(sizes, np.float64) / np.sum(sizes),
+  facts = screening.screen(client_params, probs, evaluate.client_weights(sizes, e.ensemble_weighting),
                            z_threshold=e.screen_z)
   facts["probe_images"] = e.screen_probe_images
   facts["dropped"] = facts["flagged"] if e.screen_clients else []
