@@ -182,3 +182,39 @@ def test_smoke_run_with_a_scaled_upload_screens_it_and_uses_the_median(tmp_path)
   assert set(results["methods"]) == {"fedavg", "ensemble", "fedmitr", "coboosting"}
   for entry in results["methods"].values():
     assert 0.0 <= entry["test_acc"] <= 1.0
+
+
+# ---- the experiment script's bookkeeping -------------------------------------------------------
+def _bench():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
+  spec = importlib.util.spec_from_file_location("robustness", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_robustness_plan_table_and_screening_scores(tmp_path):
+  bench = _bench()
+  assert bench.precision_recall([4], [4]) == (1.0, 1.0)
+  assert bench.precision_recall([1, 4], [3, 4]) == (0.5, 0.5)
+  assert bench.precision_recall([], []) == (1.0, 1.0) and bench.precision_recall([], [4]) == (0.0, 0.0)
+  args = type("Args", (), dict(root=str(tmp_path), clients=[5, 10], kinds=list(bench.KINDS),
+                               malicious=[0, 1, 2], rules=["mean", "median"]))
+  runs = bench.plan(args)
+  assert len(runs) == 2 * (2 + 5 * 2 * 2)  # per K: 2 clean runs, 5 kinds x 2 counts x 2 rules
+  assert runs[0][1] == "clean_mean"  # trains the honest clients every other run of its K copies
+  flags = bench.overrides(10, "scaled", 2, "mean+screen", ["ensemble"])
+  assert "--config.eval.screen_clients=True" in flags and "--config.attack.num_malicious=2" in flags
+  assert "--config.eval.ensemble_rule=mean" in flags
+  setting = tmp_path / "clients5"
+  for name, acc, flagged, indices in [("clean_mean", 0.30, [], []), ("scaled_m1_median", 0.25, [4], [4])]:
+    (setting / name).mkdir(parents=True)
+    (setting / name / "results.json").write_text(json.dumps({
+        "methods": {"ensemble": {"test_acc": acc}}, "clients": [{}] * 5,
+        "screening": {"flagged": flagged}, "attack": {"indices": indices}}))
+  runs = [(setting, "clean_mean", "", 0, "mean"), (setting, "scaled_m1_median", "scaled", 1, "median")]
+  text, rows = bench.table(runs, ["ensemble"])
+  assert rows[1]["ensemble_drop"] == pytest.approx(5.0) and rows[1]["screen_recall"] == 1.0
+  assert "| 5 | scaled | 1 | median | 25.00 (+5.00) | [4] | 1.00 | 1.00 |" in text
