@@ -95,9 +95,12 @@ def seed_workdir(setting: pathlib.Path, name: str, kind: str, malicious: int) ->
 
 
 def execute(args, runs) -> None:
+  """Runs what is not finished. A run that fails is recorded (FAILED file with the exit code and
+  the log's last line) and the next one starts: a server stopped by a non-finite loss (exit 3) is
+  itself a result. Only the clean mean run of a setting is needed by the others."""
   for setting, name, kind, malicious, rule in runs:
     workdir = setting / name
-    if (workdir / "results.json").exists():
+    if (workdir / "results.json").exists() or (workdir / "FAILED").exists():
       continue
     if name != "clean_mean":
       seed_workdir(setting, name, kind, malicious)
@@ -108,8 +111,12 @@ def execute(args, runs) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir.with_suffix(".log"), "a") as log:
       code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code:
+    if code and name == "clean_mean":
       sys.exit(f"run {workdir} failed (exit {code}); see {workdir.with_suffix('.log')}")
+    if code:
+      lines = workdir.with_suffix(".log").read_text().strip().splitlines() or [""]
+      (workdir / "FAILED").write_text(f"exit {code}: {lines[-1]}\n")
+      print(f"  failed (exit {code}): {lines[-1]}", flush=True)
 
 
 def precision_recall(flagged, malicious):
@@ -126,6 +133,11 @@ def table(runs, methods) -> tuple[str, list]:
   for setting, name, kind, malicious, rule in runs:
     path = setting / name / "results.json"
     clean_path = setting / "clean_mean" / "results.json"
+    failed = setting / name / "FAILED"
+    if failed.exists():  # e.g. exit 3: the loss became non-finite and the server stopped
+      rows.append({"clients": int(setting.name.removeprefix("clients")), "kind": kind or "none",
+                   "malicious": malicious, "rule": rule, "failed": failed.read_text().strip()})
+      continue
     if not path.exists() or not clean_path.exists():
       continue
     result, clean = json.loads(path.read_text()), json.loads(clean_path.read_text())
@@ -141,6 +153,10 @@ def table(runs, methods) -> tuple[str, list]:
   head = ["K", "attack", "m", "rule"] + [f"{m} (drop)" for m in methods] + ["flagged", "precision", "recall"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
+    if "failed" in r:
+      lines.append("| " + " | ".join([str(r["clients"]), r["kind"], str(r["malicious"]), r["rule"],
+                                      f"failed: {r['failed']}"] + [""] * (len(head) - 5)) + " |")
+      continue
     accs = [f"{r[m]:.2f} ({r[m + '_drop']:+.2f})" if m in r else "" for m in methods]
     lines.append("| " + " | ".join([str(r["clients"]), r["kind"], str(r["malicious"]), r["rule"], *accs,
                                     str(r["flagged"]), f"{r['screen_precision']:.2f}",

@@ -109,6 +109,16 @@ def test_robust_rules_reach_distillation_targets_and_fedavg():
   np.testing.assert_allclose(evaluate.fedavg_params(params, np.full(3, 1 / 3), MEDIAN)["w"], [3.0, 2.0])
 
 
+def test_gradient_guard_keeps_a_zero_weight_overflowing_teacher_from_making_nan():
+  # f(x) = 1e30 * x^2 has a gradient that overflows (inf) at x = 1e10; times a zero weight, inf x 0 = NaN.
+  x = jnp.asarray([1e10, 1.0], jnp.float32)
+  bad = lambda x: jnp.sum(0.0 * (1e30 * x * x))
+  assert not np.all(np.isfinite(jax.grad(bad)(x)))
+  guarded = jax.grad(lambda x: bad(ensemble.finite_input_grad(x)) + jnp.sum(x))(x)
+  np.testing.assert_array_equal(guarded, [1.0, 1.0])  # the finite teacher's gradient survives
+  np.testing.assert_array_equal(ensemble.finite_input_grad(x), x)
+
+
 # ---- screening -----------------------------------------------------------------------------
 def _clients(num=5, seed=0):
   """Stacked fake uploads: a shared init plus small per-client updates."""

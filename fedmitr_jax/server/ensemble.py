@@ -135,9 +135,33 @@ def agreement_weights(probs, weights) -> np.ndarray:
   return scaled / scaled.sum()
 
 
-def per_teacher(model, client_params, images, keep_idx, need_attention, mode):
-  """Runs every teacher; returns (logits [K,B,C], out with leading K axis)."""
-  apply = lambda p: model.apply({"params": p}, images, keep_idx=keep_idx, return_attention=need_attention)
+@jax.custom_vjp
+def finite_input_grad(images):
+  """Identity whose backward pass zeroes non-finite gradient entries. Each teacher sees the
+  images through it, so a poisoned teacher whose backward pass overflows (a x100 upload's
+  Jacobian reaches inf; inf x 0 = NaN even where a robust rule gave it zero weight) cannot turn
+  the pixels' gradient into NaN."""
+  return images
+
+
+def _finite_fwd(images):
+  return images, None
+
+
+def _finite_bwd(_, g):
+  return (jnp.where(jnp.isfinite(g), g, 0.0),)
+
+
+finite_input_grad.defvjp(_finite_fwd, _finite_bwd)
+
+
+def per_teacher(model, client_params, images, keep_idx, need_attention, mode, guard_grads=False):
+  """Runs every teacher; returns (logits [K,B,C], out with leading K axis). `guard_grads`: each
+  teacher's gradient to the images is made finite on its own (finite_input_grad), as robust
+  rules need; off for `mean`, whose computation stays exactly as it was."""
+  feed = finite_input_grad if guard_grads else (lambda x: x)
+  apply = lambda p: model.apply({"params": p}, feed(images), keep_idx=keep_idx,
+                                return_attention=need_attention)
   if mode == "vmap":
     return jax.vmap(apply)(client_params)
   if mode == "loop":
@@ -156,7 +180,8 @@ def ensemble_outputs(model, client_params, weights, images, *, keep_idx=None, mo
                              over teachers
     token_probs   [B, n, C]  softmax(head(token_i) / temperature) combined over teachers
   """
-  logits, out = per_teacher(model, client_params, images, keep_idx, need_attention, mode)
+  logits, out = per_teacher(model, client_params, images, keep_idx, need_attention, mode,
+                            guard_grads=rule.name != "mean")
   result = {
       "log_probs": combine(jax.nn.log_softmax(logits, -1), rule, space="log_prob", weights=weights),
       "probs": combine(jax.nn.softmax(logits / temperature, -1), rule, space="prob", weights=weights),

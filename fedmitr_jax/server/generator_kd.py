@@ -70,7 +70,8 @@ def ensemble_logits(model, client_params, weights, images, mode, rule=ensemble.M
   """The baselines' ensemble: the weighted mean of client *logits* (DENSE's `Ensemble_A`,
   Co-Boosting's E_w), not our mean of softmaxes; a robust `rule` combines the logits instead
   (and ignores the weights, so Co-Boosting's re-weighting then has nothing to move)."""
-  logits, _ = ensemble.per_teacher(model, client_params, images, None, False, mode)
+  logits, _ = ensemble.per_teacher(model, client_params, images, None, False, mode,
+                                   guard_grads=rule.name != "mean")
   return ensemble.combine(logits, rule, space="logit", weights=weights)
 
 
