@@ -26,6 +26,8 @@ CHOICES = {
     "distill.init": ("clients_fedavg", "random"),
     "eval.ensemble_weighting": ("uniform", "data_size"),
     "eval.fedavg_weighting": ("uniform", "data_size"),
+    "eval.ensemble_rule": ("mean", "median", "trimmed_mean", "agreement"),
+    "attack.kind": ("random", "label_flip", "scaled", "sign_flip", "noise"),
 }
 
 
@@ -160,6 +162,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 500
   c.eval.ensemble_weighting = "uniform"  # weights of the client softmaxes: "uniform" | "data_size"
   c.eval.fedavg_weighting = "data_size"  # FedAvg parameter average weights (McMahan et al.: data size)
+  # How the server combines its clients, everywhere (server/ensemble.py): 'mean' (the weighted
+  # mean) | 'median' / 'trimmed_mean' (coordinate-wise, Yin et al. 2018; also used for the FedAvg
+  # parameter average and the students' FedAvg init) | 'agreement' (weights scaled by each client's
+  # agreement with the others on random probe images). Robust rules guard against bad uploads.
+  c.eval.ensemble_rule = "mean"
+  c.eval.trim_fraction = 0.2           # trimmed_mean drops floor(0.2 K) clients from each end
+  # Screening (server/screening.py) always scores the uploads and reports them in results.json;
+  # True also drops the flagged ones from the server. Off by default: under Dir(0.1) an honest
+  # client holding a few classes is itself an outlier, and dropping it loses those classes.
+  c.eval.screen_clients = False
+  c.eval.screen_z = 3.5                # robust z-score above which an upload is flagged (Iglewicz-Hoaglin)
+  c.eval.screen_probe_images = 64      # random probe images for prediction agreement
+
+  # ---- attacks on the uploads (client/attacks.py) ------------------------------------------
+  # For robustness experiments: the last `num_malicious` clients' uploads are replaced after the
+  # clients stage (the honest clients' stage is reused). 0 = every client honest (default).
+  c.attack = ml_collections.ConfigDict()
+  c.attack.num_malicious = 0
+  # 'random' (a fresh random init) | 'label_flip' (trained on labels y -> (y + 1) mod C) |
+  # 'scaled' (parameters x scale) | 'sign_flip' (init - (w - init)) | 'noise' (w + noise of norm
+  # noise_norm)
+  c.attack.kind = "scaled"
+  c.attack.scale = 100.0
+  c.attack.noise_norm = 10.0
 
   # ---- logging ----------------------------------------------------------------------------
   # Every loop's progress metrics always go to <workdir>/metrics.jsonl, drawn as curves.png at the

@@ -21,10 +21,12 @@ import numpy as np
 from jax.scipy.special import entr
 
 from fedmitr_jax import evaluate
+from fedmitr_jax.server import ensemble
 
 
-@functools.partial(jax.jit, static_argnames=("model", "image_size"))
-def _teacher_batch(model, client_params, weights, images_u8, labels, image_size=None):
+@functools.partial(jax.jit, static_argnames=("model", "image_size", "rule"))
+def _teacher_batch(model, client_params, weights, members, images_u8, labels, image_size=None,
+                   rule=ensemble.MEAN):
   """One test batch through every client (vmapped over the stacked axis). Returns the client
   softmaxes [K, B, C] and, per image, the mean over its tokens of the token entropy and of the
   token hit (argmax == label), for the K clients and then the ensemble: [K + 1, B] each."""
@@ -36,7 +38,7 @@ def _teacher_batch(model, client_params, weights, images_u8, labels, image_size=
     return jax.nn.softmax(logits, -1), jax.nn.softmax(out["token_logits"], -1)
 
   probs, token_probs = jax.vmap(one_client)(client_params)        # [K, B, C], [K, B, n, C]
-  ensemble_tokens = jnp.tensordot(weights, token_probs, axes=1)    # [B, n, C]
+  ensemble_tokens = ensemble.combine(token_probs[members], rule, space="prob", weights=weights)  # [B, n, C]
   tokens = jnp.concatenate([token_probs, ensemble_tokens[None]])   # [K + 1, B, n, C]
   entropy = entr(tokens).sum(-1).mean(-1)                          # entr(p) = -p log p, 0 at p = 0
   hits = (tokens.argmax(-1) == labels[None, :, None]).mean(-1)
@@ -52,23 +54,27 @@ def per_class_accuracy(predictions, labels, num_classes: int) -> list:
 
 
 def teacher_diagnostics(model, client_params, images, labels, batch_size: int, weights,
-                        num_classes: int, image_size: int | None = None) -> dict:
+                        num_classes: int, image_size: int | None = None, rule=ensemble.MEAN,
+                        members=None) -> dict:
   """Every client and the ensemble on the test set, in one pass:
     {"clients": [row] * K, "ensemble": row}, row = {test_acc, per_class, token_entropy, token_acc}.
-  The ensemble's image prediction is the argmax of sum_k w_k softmax_k (server/ensemble.py)."""
-  num_clients, n = len(weights), len(images)
+  The ensemble (the `members`, all clients when None) combines the client softmaxes by `rule`
+  (server/ensemble.py; `mean`: sum_k w_k softmax_k), for its image prediction and its tokens."""
+  num_clients, n = jax.tree.leaves(client_params)[0].shape[0], len(images)
+  members = np.arange(num_clients) if members is None else np.asarray(members)  # the ensemble's clients
   w = jnp.asarray(weights, jnp.float32)
-  host_weights = np.asarray(weights, np.float32)[:, None, None]
+  host_weights = np.asarray(weights, np.float32)
   predictions = np.zeros((num_clients + 1, n), np.int64)
   entropy_sum, hit_sum = np.zeros(num_clients + 1), np.zeros(num_clients + 1)
   for start, stop in evaluate.batches(n, batch_size):
-    probs, entropy, hits = _teacher_batch(model, client_params, w,
+    probs, entropy, hits = _teacher_batch(model, client_params, w, jnp.asarray(members),
                                           evaluate.padded(images, start, stop, batch_size),
-                                          evaluate.padded(labels, start, stop, batch_size), image_size)
+                                          evaluate.padded(labels, start, stop, batch_size), image_size, rule)
     real = stop - start  # the zero-padded tail of the last batch is dropped here
     probs = np.asarray(probs)[:, :real]
     predictions[:num_clients, start:stop] = probs.argmax(-1)
-    predictions[num_clients, start:stop] = (probs * host_weights).sum(0).argmax(-1)
+    predictions[num_clients, start:stop] = ensemble.combine(probs[members], rule, space="prob",
+                                                            weights=host_weights).argmax(-1)
     entropy_sum += np.asarray(entropy, np.float64)[:, :real].sum(1)
     hit_sum += np.asarray(hits, np.float64)[:, :real].sum(1)
   rows = [{"test_acc": int((p == labels).sum()) / n,

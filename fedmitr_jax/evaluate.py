@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedmitr_jax.data import augment, datasets
+from fedmitr_jax.server import ensemble
 
 
 def client_weights(sizes, weighting: str) -> np.ndarray:
@@ -18,10 +19,11 @@ def client_weights(sizes, weighting: str) -> np.ndarray:
   raise ValueError(f"eval weighting: '{weighting}' is unknown; use 'uniform' or 'data_size'")
 
 
-def fedavg_params(client_params, weights):
-  """One-shot FedAvg: the (weighted) average of the client parameters."""
+def fedavg_params(client_params, weights, rule=ensemble.MEAN):
+  """One-shot FedAvg: the (weighted) average of the client parameters; under a robust `rule`
+  their coordinate-wise median / trimmed mean (Yin et al.'s robust aggregation)."""
   w = jnp.asarray(weights, jnp.float32)
-  return jax.tree.map(lambda p: jnp.tensordot(w, p, axes=1), client_params)
+  return jax.tree.map(lambda p: ensemble.combine(p, rule, space="param", weights=w), client_params)
 
 
 def batches(num: int, batch_size: int):

@@ -1,5 +1,10 @@
 """The whole run, stage by stage: partition -> clients -> (inversion -> distillation) -> evaluate.
 
+Between the clients and the server: the configured attack replaces the malicious uploads
+(client/attacks.py), and screening scores every upload (server/screening.py), dropping the flagged
+ones when `eval.screen_clients`. Everything the server does then combines its clients by
+`eval.ensemble_rule` (server/ensemble.py).
+
 Each stage saves its result through `StageStore`; a rerun on the same workdir loads finished
 stages instead of redoing them and resumes an unfinished one from its last save.
 """
@@ -11,11 +16,11 @@ import numpy as np
 
 from fedmitr_jax import checkpoints, diagnostics, evaluate, guards, metrics, plots
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
-from fedmitr_jax.client import training
+from fedmitr_jax.client import attacks, training
 from fedmitr_jax.data import partition as partition_lib
 from fedmitr_jax.models import pretrained, vit
 from fedmitr_jax.progress import log
-from fedmitr_jax.server import data_free
+from fedmitr_jax.server import data_free, ensemble, screening
 
 
 def run_partition(config, dataset, store: StageStore, workdir: pathlib.Path):
@@ -44,33 +49,43 @@ def client_model(config, dataset):
                        dtype=vit.compute_dtype(config.model.dtype))
 
 
-def run_clients(config, dataset, parts, store: StageStore):
-  """Trains (or loads) the K client models; returns their parameters stacked on axis 0."""
-  model = client_model(config, dataset)
-  cfg = config.clients
+def shared_init(config, model):
+  """The initial parameters every client starts from (seeded random, or the pretrained file)."""
   init = vit.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 1), config.dataset.image_size)
   if config.model.pretrained_path:  # every client starts from the same pretrained weights
     init = pretrained.load_pretrained(config.model.pretrained_path, init, variant=config.model.variant,
                                       input_norm=config.model.pretrained_input_norm)
+  return init
+
+
+def run_clients(config, dataset, parts, store: StageStore, *, stage: str = "clients", train_labels=None):
+  """Trains (or loads) the K client models; returns their parameters stacked on axis 0.
+  `stage` / `train_labels` (default: the dataset's) let the label_flip attack train its clients
+  the same way on flipped labels, as a stage of its own."""
+  model = client_model(config, dataset)
+  cfg = config.clients
+  init = shared_init(config, model)
   tx = training.make_optimizer(cfg)
   states = training.stack_copies(training.init_client_state(init, tx), len(parts))
-  if store.is_done("clients"):
-    log("[clients] loaded from checkpoint")
-    return store.load_result("clients", checkpoints.abstract_like(states.params))
+  if store.is_done(stage):
+    log(f"[{stage}] loaded from checkpoint")
+    return store.load_result(stage, checkpoints.abstract_like(states.params))
+  if train_labels is None:
+    train_labels = dataset.train_labels
 
   plan = training.plan_batches(parts, cfg.batch_size, cfg.epochs, config.seed)
   step_fn = training.make_client_train_step(model, tx, cfg, config.dataset.image_size)
   rngs = training.client_rngs(config.seed, len(parts))
-  log(f"[clients] {len(parts)} clients, {cfg.mode} mode, steps per client {plan.steps.tolist()}")
+  log(f"[{stage}] {len(parts)} clients, {cfg.mode} mode, steps per client {plan.steps.tolist()}")
   started = time.perf_counter()
-  guard = guards.FiniteGuard("clients", "clients.lr")
+  guard = guards.FiniteGuard(stage, "clients.lr")
   if cfg.mode not in ("vmap", "loop"):
     raise ValueError(f"clients.mode: '{cfg.mode}' is unknown; use 'vmap' or 'loop'")
-  with store.progress_manager("clients") as manager:
+  with store.progress_manager(stage) as manager:
     start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(states))
     if saved is not None:
       states = saved
-      log(f"[clients] resuming at step {start}")
+      log(f"[{stage}] resuming at step {start}")
 
     # Loop mode also saves when each client finishes, so a finished client is never retrained.
     client_ends = set(np.cumsum(plan.steps).tolist()) if cfg.mode == "loop" else set()
@@ -81,26 +96,65 @@ def run_clients(config, dataset, parts, store: StageStore):
         manager.save(t, args=checkpoints.standard_save(states_fn()))
 
     train = training.train_clients_vmap if cfg.mode == "vmap" else training.train_clients_loop
-    states = train(step_fn, states, dataset.train_images, dataset.train_labels, plan, rngs,
-                   start_step=start, on_step=save_every, log_every=cfg.log_every_steps, guard=guard)
+    states = train(step_fn, states, dataset.train_images, train_labels, plan, rngs,
+                   start_step=start, on_step=save_every, log_every=cfg.log_every_steps, guard=guard,
+                   stage=stage)
     guard.check(manager.latest_step())
     manager.wait_until_finished()
   seconds = time.perf_counter() - started
-  store.save_result("clients", states.params, {"seconds": seconds, "mode": cfg.mode,
-                                               "steps": plan.steps.tolist()})
-  log(f"[clients] done in {seconds / 60:.1f} min")
+  store.save_result(stage, states.params, {"seconds": seconds, "mode": cfg.mode,
+                                           "steps": plan.steps.tolist()})
+  log(f"[{stage}] done in {seconds / 60:.1f} min")
   return states.params
 
 
-def run_baseline_eval(config, dataset, sizes, client_params, ensemble_weights, fedavg):
-  """fedavg, ensemble and every client on the test set; the clients and the ensemble in one pass
-  that also measures their token diagnostics (diagnostics.py)."""
+def run_attack(config, dataset, parts, client_params, store: StageStore):
+  """The uploads the server receives: the honest clients' parameters with the configured attack
+  applied (unchanged when attack.num_malicious = 0). Returns (client_params, facts)."""
+  a = config.attack
+  if not a.num_malicious:  # nothing to replace (and no need to rebuild the shared init)
+    return attacks.apply_attack(client_params, None, a, config.seed)
+  model = client_model(config, dataset)
+  flipped = None
+  if a.kind == "label_flip":
+    chosen = attacks.malicious_indices(len(parts), a.num_malicious)
+    flipped = run_clients(config, dataset, [parts[k] for k in chosen], store, stage="clients_label_flip",
+                          train_labels=attacks.flipped_labels(dataset.train_labels, dataset.num_classes))
+  fresh_init = lambda rng: vit.init_params(model, rng, config.dataset.image_size)
+  uploads, facts = attacks.apply_attack(client_params, shared_init(config, model), a, config.seed,
+                                        fresh_init=fresh_init, flipped_params=flipped)
+  log(f"[attack] {a.kind} uploads from clients {facts['indices']}")
+  return uploads, facts
+
+
+def run_screening(config, model, client_params, sizes):
+  """Scores every upload (server/screening.py). Returns (facts, the clients the server keeps,
+  the probe predictions [K, B, C] for the agreement rule)."""
+  e = config.eval
+  probe = screening.probe_images(config.seed, e.screen_probe_images, config.dataset.image_size)
+  probs = screening.client_probs(model, client_params, probe, config.inversion.teachers_mode)
+  facts = screening.screen(client_params, probs, evaluate.client_weights(sizes, e.ensemble_weighting),
+                           z_threshold=e.screen_z)
+  facts["probe_images"] = e.screen_probe_images
+  facts["dropped"] = facts["flagged"] if e.screen_clients else []
+  members = [k for k in range(len(sizes)) if k not in facts["dropped"]]
+  kept = ", dropped from the server" if facts["dropped"] else " (kept: eval.screen_clients=False)"
+  log(f"[screening] flagged {facts['flagged']}{kept if facts['flagged'] else ''}, "
+      f"param z {np.round(facts['param_z'], 1).tolist()}, "
+      f"agreement z {np.round(facts['agreement_z'], 1).tolist()}")
+  return facts, members, probs
+
+
+def run_baseline_eval(config, dataset, sizes, client_params, ensemble_weights, fedavg,
+                      rule=ensemble.MEAN, members=None):
+  """fedavg, ensemble (of `members`, combined by `rule`) and every client on the test set."""
   model = client_model(config, dataset)
   e = config.eval
   images, labels = dataset.test_images, dataset.test_labels
   started = time.perf_counter()
   teachers = diagnostics.teacher_diagnostics(model, client_params, images, labels, e.batch_size,
-                                             ensemble_weights, dataset.num_classes,
+                                             ensemble_weights, dataset.num_classes, rule=rule,
+                                             members=members,
                                              image_size=config.dataset.image_size)
   ensemble_seconds = time.perf_counter() - started
   started = time.perf_counter()
@@ -129,18 +183,34 @@ def run_stages(config, dataset, workdir) -> dict:
   store = StageStore(workdir)
   parts = run_partition(config, dataset, store, workdir)
   client_params = run_clients(config, dataset, parts, store)
+  client_params, attack_facts = run_attack(config, dataset, parts, client_params, store)
   sizes = [len(p) for p in parts]
-  weights = evaluate.client_weights(sizes, config.eval.ensemble_weighting)
-  fedavg = evaluate.fedavg_params(client_params, evaluate.client_weights(sizes, config.eval.fedavg_weighting))
-  methods, client_rows, teachers = run_baseline_eval(config, dataset, sizes, client_params, weights, fedavg)
-  student_results, bank_facts, banks = data_free.run_data_free(config, dataset, client_params, weights,
-                                                           fedavg, store)
+  rule = ensemble.rule_from_config(config.eval)
+  screening_facts, members, probe_probs = run_screening(config, client_model(config, dataset),
+                                                        client_params, sizes)
+  server_params = client_params
+  if len(members) < len(sizes):  # screening dropped uploads: the server never sees them again
+    server_params = jax.tree.map(lambda x: x[np.asarray(members)], client_params)
+  member_sizes = [sizes[k] for k in members]
+  weights = evaluate.client_weights(member_sizes, config.eval.ensemble_weighting)
+  fedavg_weights = evaluate.client_weights(member_sizes, config.eval.fedavg_weighting)
+  if rule.name == "agreement":
+    weights = ensemble.agreement_weights(probe_probs[members], weights)
+    fedavg_weights = ensemble.agreement_weights(probe_probs[members], fedavg_weights)
+  fedavg = evaluate.fedavg_params(server_params, fedavg_weights, rule)
+  methods, client_rows, teachers = run_baseline_eval(config, dataset, sizes, client_params, weights, fedavg,
+                                           rule, members)
+  student_results, bank_facts, banks = data_free.run_data_free(config, dataset, server_params, weights,
+                                                               fedavg, store, rule)
   methods.update(student_results)
   methods = {name: methods[name] for name in config.methods if name in methods}
   per_class = {name: entry.pop("per_class") for name, entry in methods.items()}  # -> diagnostics
   results = {"methods": methods, "clients": client_rows, "inversion": bank_facts,
              "client_training": store.load_facts("clients"),
              "diagnostics": diagnostics.summary(teachers, per_class, dataset.class_names),
+             "attack": attack_facts, "screening": screening_facts,
+             "ensemble_rule": {"rule": rule.name, "trim_fraction": rule.trim_fraction,
+                               "members": members, "weights": np.asarray(weights).tolist()},
              "config": config.to_dict()}
   if jax.process_index() == 0:  # one writer on multi-host runs
     for kind, (bank, _) in banks.items():

@@ -16,9 +16,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 
 from fedmitr_jax import checkpoints, config_base, sharding
+from fedmitr_jax.client import attacks
 from fedmitr_jax.data import datasets, partition as partition_lib
 from fedmitr_jax.models import pretrained, vit
 from fedmitr_jax.progress import log
+from fedmitr_jax.server import ensemble
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
             "ml-collections", "chex", "numpy")
@@ -46,6 +48,8 @@ def check_config(config) -> None:
     datasets.check_dataset_config(config.dataset)
     partition_lib.check_partition_config(config.partition)
     vit.build_vit(config.model.variant, 2, image_size=config.dataset.image_size)
+    attacks.check_attack_config(config.attack, config.partition.num_clients)
+    ensemble.rule_from_config(config.eval)
   except ValueError as e:
     raise InputError(str(e)) from None
   try:  # data-parallel stages split their batch over every device
@@ -216,6 +220,13 @@ FIELD_RULES = {
     "eval.batch_size": _int_at_least(1),
     "eval.ensemble_weighting": _choice("eval.ensemble_weighting"),
     "eval.fedavg_weighting": _choice("eval.fedavg_weighting"),
+    "eval.trim_fraction": Rule(lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "eval.screen_clients": FLAG,
+    "eval.screen_z": POSITIVE,  # 3.5 is the usual cut-off of a robust z-score
+    "eval.screen_probe_images": _int_at_least(2),
+    "attack.num_malicious": _int_at_least(0),  # < partition.num_clients: attacks.check_attack_config
+    "attack.scale": POSITIVE,
+    "attack.noise_norm": NON_NEGATIVE,
     "log.tensorboard": FLAG,
 }
 for _field in config_base.CHOICES:  # a choice field added to CHOICES is checked without more code

@@ -51,6 +51,13 @@ def _config(tmp_path, **fields):
     ({"distill__relabel_target": "patch"}, "distill.relabel_target"),
     ({"inversion__batch_size": 20}, "inversion.batch_size"),
     ({"inversion__num_batches": 1, "inversion__batch_size": 8, "distill__batch_size": 16}, "distill.batch_size"),
+    ({"attack__num_malicious": 2}, "attack.num_malicious"),  # 2 clients: one must stay honest
+    ({"attack__kind": "backdoor", "attack__num_malicious": 1}, "attack.kind"),
+    ({"attack__kind": "noise", "attack__num_malicious": 1, "attack__noise_norm": 0.0},
+     "attack.noise_norm"),
+    ({"eval__ensemble_rule": "mode"}, "eval.ensemble_rule"),
+    ({"eval__ensemble_rule": "trimmed_mean", "eval__trim_fraction": 0.5}, "eval.trim_fraction"),
+    ({"eval__screen_z": 0.0}, "eval.screen_z"),
 ])
 def test_bad_config_is_one_clear_line_and_writes_nothing(tmp_path, fields, expected_field):
   workdir = tmp_path / "work"

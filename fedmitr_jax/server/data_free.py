@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from fedmitr_jax import checkpoints, diagnostics, evaluate, sharding
 from fedmitr_jax.models import vit
 from fedmitr_jax.progress import log
-from fedmitr_jax.server import distill, generator_kd, inversion, synthetic_bank
+from fedmitr_jax.server import distill, ensemble, generator_kd, inversion, synthetic_bank
 
 DATA_FREE = {  # name -> (bank, uses token relabel)
     "dense_kd": ("dense", False),
@@ -48,28 +48,33 @@ def load_or_train(store, stage: str, init, train, max_to_keep: int = 2):
   return params, facts
 
 
-def run_data_free(config, dataset, client_params, weights, fedavg_params, store):
+def run_data_free(config, dataset, client_params, weights, fedavg_params, store, rule=ensemble.MEAN):
   """Returns {method: {test_acc, test_acc_cls_token, seconds, ..., per_class}} for the data-free
-  methods (per_class: test accuracy on each class, moved to results' diagnostics by the pipeline)."""
+  methods (per_class: test accuracy on each class, moved to results' diagnostics by the pipeline).
+  `rule` combines the teachers everywhere (inversion, bank labels, KD targets, generators)."""
   wanted = [m for m in config.methods if m in DATA_FREE]
   image_size, num_classes = config.dataset.image_size, dataset.num_classes
   dtype = vit.compute_dtype(config.model.dtype)
   teacher = vit.build_vit(config.model.variant, num_classes, image_size=image_size, dtype=dtype)
   student = vit.build_vit(config.model.variant, num_classes, image_size=image_size,
                           separate_token_head=True, dtype=dtype)
-  inverter = inversion.Inverter(teacher, config.inversion, image_size)
+  inverter = inversion.Inverter(teacher, config.inversion, image_size, rule)
   banks = {}
   for kind in sorted({DATA_FREE[m][0] for m in wanted}):
     banks[kind] = synthetic_bank.build_bank(
         f"inversion_{kind}", inverter, client_params, weights, num_classes=num_classes,
         seed=config.seed, sparse=kind == "sparse", store=store)
+  # KD targets: the plain mean over the bank's teachers under `mean` (as before the rules existed);
+  # the agreement weights under `agreement`; median / trimmed mean ignore weights.
+  kd_weights = weights if rule.name == "agreement" else None
   results = {}
   test_images, test_labels = dataset.test_images, dataset.test_labels
   for method in [m for m in config.methods if m in generator_kd.METHODS]:
     stage = f"distill_{method}"
     params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
         generator_kd.train(method, config, teacher, student, client_params,
-                           jnp.asarray(weights, jnp.float32), init, stage=stage, manager=m)), max_to_keep=1)
+                           jnp.asarray(weights, jnp.float32), init, stage=stage, manager=m, rule=rule)),
+        max_to_keep=1)
     predictions = evaluate.predicted_labels(student, params, test_images, config.eval.batch_size,
                                             image_size=image_size)
     results[method] = {"test_acc": evaluate.accuracy_of(predictions, test_labels),
@@ -84,7 +89,8 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store)
       cfg.beta = config.distill.beta if relabel else 0.0
     stage = f"distill_{method}"
     params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
-        distill.train_student(student, cfg, bank, init, seed=config.seed, stage=stage, manager=m)))
+        distill.train_student(student, cfg, bank, init, seed=config.seed, stage=stage, manager=m,
+                              rule=rule, teacher_weights=kd_weights)))
     params = sharding.to_local(params)  # replicated over every process -> this process's copy
     e = config.eval
     predictions = evaluate.predicted_labels(student, params, test_images, e.batch_size, image_size=image_size)

@@ -22,6 +22,7 @@ from fedmitr_jax import checkpoints, guards, sharding
 from fedmitr_jax.client import training
 from fedmitr_jax.models import patches
 from fedmitr_jax.progress import log, Progress
+from fedmitr_jax.server import ensemble
 
 
 @flax.struct.dataclass
@@ -38,9 +39,13 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=training.decay_mask))
 
 
-def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target):
-  """Returns (loss, terms). Token arrays are in the order of the bank's patch indices."""
-  teacher_soft = jnp.mean(jax.nn.softmax(batch["teacher_logits"] / tau, -1), axis=1)  # [B, C]
+def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target, rule=ensemble.MEAN,
+                 teacher_weights=None):
+  """Returns (loss, terms). Token arrays are in the order of the bank's patch indices.
+  The bank's per-teacher logits [B, K, C] are combined by `rule` (ensemble.combine); the mean
+  rule with `teacher_weights` None is the plain mean over teachers."""
+  combine = lambda probs: ensemble.combine(probs, rule, space="prob", weights=teacher_weights, axis=1)
+  teacher_soft = combine(jax.nn.softmax(batch["teacher_logits"] / tau, -1))  # [B, C]
   student_log = jax.nn.log_softmax(cls_logits / tau, -1)
   kd = tau ** 2 * jnp.sum(teacher_soft * (jnp.log(teacher_soft + 1e-12) - student_log), -1).mean()
   terms = {"kd": kd}
@@ -51,7 +56,7 @@ def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target):
     if relabel_target == "token":
       q = batch["token_probs"]
     else:  # the image-level ensemble label (T = 1) on every background token
-      q = jnp.mean(jax.nn.softmax(batch["teacher_logits"], -1), axis=1)[:, None, :]
+      q = combine(jax.nn.softmax(batch["teacher_logits"], -1))[:, None, :]
     soft = -jnp.sum(q * token_log, -1)
     m = batch["masks"].astype(jnp.float32)
     terms["token_fg"] = jnp.sum(m * hard) / jnp.maximum(m.sum(), 1.0)
@@ -62,7 +67,7 @@ def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target):
   return loss, terms
 
 
-def make_distill_step(model, tx, cfg):
+def make_distill_step(model, tx, cfg, rule=ensemble.MEAN, teacher_weights=None):
   """step(state, batch, rng) -> (state, metrics); pure, one compilation for all steps."""
   patch = model.patch_size
 
@@ -77,7 +82,7 @@ def make_distill_step(model, tx, cfg):
                                                     max_shift=cfg.shift_patches, flip=cfg.flip)
     cls_logits, out = model.apply({"params": params}, augmented, keep_idx=positions)
     return relabel_loss(cls_logits, out["token_logits"], batch, tau=cfg.tau, beta=cfg.beta,
-                        relabel_target=cfg.relabel_target)
+                        relabel_target=cfg.relabel_target, rule=rule, teacher_weights=teacher_weights)
 
   def step(state: StudentState, batch, rng):
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
@@ -114,8 +119,10 @@ def batch_indices(bank_size: int, batch_size: int, step: int, seed: int) -> np.n
   return _epoch_order(bank_size, seed, epoch)[within * batch_size:(within + 1) * batch_size]
 
 
-def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, mesh=None):
-  """Distils the bank into the student. `manager` (Orbax) gives periodic saves and resume."""
+def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, mesh=None,
+                  rule=ensemble.MEAN, teacher_weights=None):
+  """Distils the bank into the student. `manager` (Orbax) gives periodic saves and resume.
+  `rule` / `teacher_weights` combine the bank's per-teacher logits into KD targets."""
   mesh = mesh or sharding.data_mesh()
   sharding.check_divisible(cfg.batch_size, "distill.batch_size")
   bank_size = len(bank["labels"])
@@ -130,7 +137,9 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
       log(f"[{stage}] resuming at step {start}")
   # Copies: the step donates its state, and the caller's initial parameters must stay valid.
   state = sharding.replicate(mesh, jax.tree.map(jnp.copy, state))
-  step_fn = jit_sharded_step(make_distill_step(model, tx, cfg), mesh)
+  if teacher_weights is not None:
+    teacher_weights = jnp.asarray(teacher_weights, jnp.float32)
+  step_fn = jit_sharded_step(make_distill_step(model, tx, cfg, rule, teacher_weights), mesh)
   split = NamedSharding(mesh, P("data"))
   rng = jax.random.fold_in(jax.random.key(seed), 4)  # stream 4: distillation
   keys = ("images", "labels", "masks", "teacher_logits", "token_probs")

@@ -1,16 +1,167 @@
-"""The teacher ensemble E(x) = sum_k w_k softmax(f_k(x)) over client parameters stacked on axis 0.
+"""The teacher ensemble over client parameters stacked on axis 0, and how client outputs combine.
 
 Two ways to run the K teachers inside one jitted function, same maths: 'loop' unrolls the K
 forward passes (faster on a 2-core CPU: benchmarks/README.md), 'vmap' maps one forward over the stacked axis
 (one bigger batched matmul per layer, which may win on GPU/TPU). `teachers_mode` picks.
+
+Every place the server combines its clients (inversion targets and loss, attention at the stops,
+the bank's per-token labels, KD targets, the generator baselines, the "ensemble" evaluation, the
+FedAvg parameter average) calls `combine` with the run's `Rule`:
+  mean          the weighted mean (today's formulas, kept bit for bit)
+  agreement     the weighted mean, with weights scaled by each client's agreement with the others
+                on probe inputs (`agreement_weights`; computed once by the server, then as mean)
+  median        coordinate-wise median over clients (Yin et al., ICML 2018)
+  trimmed_mean  coordinate-wise mean after dropping the floor(trim_fraction * K) largest and
+                smallest values (Yin et al.)
+Median and trimmed mean ignore the weights (a client dropped by screening is removed from the
+stack instead); on probabilities they are renormalised over classes.
 """
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from fedmitr_jax import config_base
+
+RULES = config_base.CHOICES["eval.ensemble_rule"]
+# What the combined values are; it picks today's mean formula and whether a robust result is
+# renormalised over classes (the last axis).
+SPACES = ("prob", "log_prob", "logit", "score", "param")
 
 
-def per_teacher(model, client_params, images, keep_idx, need_attention, mode):
-  """Runs every teacher; returns (logits [K,B,C], out with leading K axis)."""
-  apply = lambda p: model.apply({"params": p}, images, keep_idx=keep_idx, return_attention=need_attention)
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How client outputs combine (hashable, so it can be closed over by jitted functions)."""
+  name: str = "mean"
+  trim_fraction: float = 0.0
+
+  def __post_init__(self):
+    if self.name not in RULES:
+      raise ValueError(f"eval.ensemble_rule: '{self.name}' is unknown; use one of {list(RULES)}")
+    if not 0.0 <= self.trim_fraction < 0.5:
+      raise ValueError(f"eval.trim_fraction: {self.trim_fraction} is outside [0, 0.5); "
+                       "it is the fraction dropped from each end")
+
+  @property
+  def weighted(self) -> bool:
+    """True when the combination is a weighted mean (the weights matter)."""
+    return self.name in ("mean", "agreement")
+
+  def trimmed(self, num_clients: int) -> int:
+    """Clients dropped from each end by trimmed_mean."""
+    return int(math.floor(self.trim_fraction * num_clients))
+
+
+MEAN = Rule()
+
+
+def rule_from_config(eval_cfg) -> Rule:
+  return Rule(eval_cfg.ensemble_rule, float(eval_cfg.trim_fraction))
+
+
+def _xp(values):
+  return np if isinstance(values, np.ndarray) else jnp
+
+
+def _expand(weights, ndim: int, axis: int):
+  """[K] weights shaped to broadcast against values whose client axis is `axis`."""
+  shape = [1] * ndim
+  shape[axis] = weights.shape[0]
+  return weights.reshape(shape)
+
+
+def combine(values, rule: Rule = MEAN, *, space: str, weights=None, axis: int = 0):
+  """Combines per-client `values` along the client `axis` by `rule`.
+
+  space:
+    'prob'      probabilities (last axis classes); mean: sum_k w_k v_k, or the plain mean when
+                `weights` is None; a robust result is renormalised to sum to 1.
+    'log_prob'  log-probabilities; mean: log sum_k w_k exp(v_k) (logsumexp, stable); a robust
+                result is the log of the renormalised robust combination of exp(v).
+    'logit'     logits; mean: tensordot(w / sum w, v) (DENSE's and Co-Boosting's ensemble).
+    'score'     non-negative scores (attention); mean: sum_k w_k v_k; no renormalisation.
+    'param'     one parameter leaf; mean: tensordot(w, v) (FedAvg, weights already normalised).
+  numpy inputs give numpy results ('prob', 'score', 'param'), so host-side evaluation uses the
+  same code. 'logit' and 'param' combine over axis 0.
+  """
+  if space not in SPACES:
+    raise ValueError(f"space: '{space}' is unknown; use one of {list(SPACES)}")
+  xp = _xp(values)
+  if rule.weighted:
+    if space == "log_prob":
+      return jax.nn.logsumexp(values + jnp.log(_expand(weights, values.ndim, axis)), axis=axis)
+    if space == "logit":
+      return jnp.tensordot(weights / jnp.sum(weights), values, axes=1)
+    if space == "param":
+      return xp.tensordot(weights, values, axes=1)
+    if weights is None:
+      return xp.mean(values, axis=axis)
+    return xp.sum(_expand(weights, values.ndim, axis) * values, axis=axis)
+  if space == "log_prob":
+    probs = combine(jnp.exp(values), rule, space="prob", axis=axis)
+    return jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
+  if rule.name == "median":
+    out = xp.median(values, axis=axis)
+  else:  # trimmed_mean
+    num, cut = values.shape[axis], rule.trimmed(values.shape[axis])
+    if 2 * cut >= num:
+      raise ValueError(f"eval.trim_fraction: {rule.trim_fraction} trims all {num} clients; lower it")
+    kept = xp.take(xp.sort(values, axis=axis), np.arange(cut, num - cut), axis=axis)
+    out = xp.mean(kept, axis=axis)
+  if space == "prob":
+    out = out / xp.sum(out, axis=-1, keepdims=True)
+  return out
+
+
+def agreement_scores(probs, weights) -> np.ndarray:
+  """Agreement of each client with the leave-one-out ensemble of the others, on probe inputs:
+  a_k = mean_b sum_c p_k(c | x_b) p_-k(c | x_b), the probability that client k's prediction and
+  the others' (sampled from their weighted mean) agree. probs [K, B, C] (numpy), weights [K]."""
+  probs = np.asarray(probs, np.float64)
+  w = np.asarray(weights, np.float64)
+  w = w / w.sum()
+  total = np.tensordot(w, probs, axes=1)                        # [B, C]
+  others = (total[None] - w[:, None, None] * probs) / np.maximum(1.0 - w, 1e-12)[:, None, None]
+  return np.mean(np.sum(probs * others, axis=-1), axis=-1)      # [K]
+
+
+def agreement_weights(probs, weights) -> np.ndarray:
+  """The `agreement` rule's weights: w_k a_k, renormalised (the base weights if all a_k are 0)."""
+  scaled = np.asarray(weights, np.float64) * agreement_scores(probs, weights)
+  if scaled.sum() <= 0:
+    scaled = np.asarray(weights, np.float64)
+  return scaled / scaled.sum()
+
+
+@jax.custom_vjp
+def finite_input_grad(images):
+  """Identity whose backward pass zeroes non-finite gradient entries. Each teacher sees the
+  images through it, so a poisoned teacher whose backward pass overflows (a x100 upload's
+  Jacobian reaches inf; inf x 0 = NaN even where a robust rule gave it zero weight) cannot turn
+  the pixels' gradient into NaN."""
+  return images
+
+
+def _finite_fwd(images):
+  return images, None
+
+
+def _finite_bwd(_, g):
+  return (jnp.where(jnp.isfinite(g), g, 0.0),)
+
+
+finite_input_grad.defvjp(_finite_fwd, _finite_bwd)
+
+
+def per_teacher(model, client_params, images, keep_idx, need_attention, mode, guard_grads=False):
+  """Runs every teacher; returns (logits [K,B,C], out with leading K axis). `guard_grads`: each
+  teacher's gradient to the images is made finite on its own (finite_input_grad), as robust
+  rules need; off for `mean`, whose computation stays exactly as it was."""
+  feed = finite_input_grad if guard_grads else (lambda x: x)
+  apply = lambda p: model.apply({"params": p}, feed(images), keep_idx=keep_idx,
+                                return_attention=need_attention)
   if mode == "vmap":
     return jax.vmap(apply)(client_params)
   if mode == "loop":
@@ -21,23 +172,23 @@ def per_teacher(model, client_params, images, keep_idx, need_attention, mode):
 
 
 def ensemble_outputs(model, client_params, weights, images, *, keep_idx=None, mode="loop",
-                     need_attention=False, need_tokens=False, temperature=1.0):
+                     need_attention=False, need_tokens=False, temperature=1.0, rule: Rule = MEAN):
   """Returns a dict with
-    log_probs     [B, C]     log of the weighted mean of client softmaxes (for CE to targets)
+    log_probs     [B, C]     log of the combined client softmaxes (for CE to targets)
     probs         [B, C]     the ensemble's soft label at `temperature`
-    cls_attention [B, n]     CLS->patch attention of the last block, mean over heads and teachers
-    token_probs   [B, n, C]  mean over teachers of softmax(head(token_i) / temperature)
+    cls_attention [B, n]     CLS->patch attention of the last block, mean over heads, combined
+                             over teachers
+    token_probs   [B, n, C]  softmax(head(token_i) / temperature) combined over teachers
   """
-  logits, out = per_teacher(model, client_params, images, keep_idx, need_attention, mode)
-  w = weights[:, None, None]
+  logits, out = per_teacher(model, client_params, images, keep_idx, need_attention, mode,
+                            guard_grads=rule.name != "mean")
   result = {
-      # log(sum_k w_k p_k) computed stably: logsumexp over teachers of log w_k + log p_k.
-      "log_probs": jax.nn.logsumexp(jax.nn.log_softmax(logits, -1) + jnp.log(w), axis=0),
-      "probs": jnp.sum(w * jax.nn.softmax(logits / temperature, -1), axis=0),
+      "log_probs": combine(jax.nn.log_softmax(logits, -1), rule, space="log_prob", weights=weights),
+      "probs": combine(jax.nn.softmax(logits / temperature, -1), rule, space="prob", weights=weights),
   }
   if need_attention:
-    result["cls_attention"] = jnp.sum(weights[:, None, None] * out["cls_attention"], axis=0)
+    result["cls_attention"] = combine(out["cls_attention"], rule, space="score", weights=weights)
   if need_tokens:
     token_p = jax.nn.softmax(out["token_logits"] / temperature, -1)
-    result["token_probs"] = jnp.sum(weights[:, None, None, None] * token_p, axis=0)
+    result["token_probs"] = combine(token_p, rule, space="prob", weights=weights)
   return result

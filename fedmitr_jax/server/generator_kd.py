@@ -66,11 +66,13 @@ class GenState:
   best_loss: jnp.ndarray
 
 
-def ensemble_logits(model, client_params, weights, images, mode):
+def ensemble_logits(model, client_params, weights, images, mode, rule=ensemble.MEAN):
   """The baselines' ensemble: the weighted mean of client *logits* (DENSE's `Ensemble_A`,
-  Co-Boosting's E_w), not our mean of softmaxes."""
-  logits, _ = ensemble.per_teacher(model, client_params, images, None, False, mode)
-  return jnp.tensordot(weights / jnp.sum(weights), logits, axes=1)
+  Co-Boosting's E_w), not our mean of softmaxes; a robust `rule` combines the logits instead
+  (and ignores the weights, so Co-Boosting's re-weighting then has nothing to move)."""
+  logits, _ = ensemble.per_teacher(model, client_params, images, None, False, mode,
+                                   guard_grads=rule.name != "mean")
+  return ensemble.combine(logits, rule, space="logit", weights=weights)
 
 
 def kl(p_logits, q_logits, t):
@@ -92,14 +94,14 @@ def generator_loss(method, cfg, teacher_logits, student_logits, labels):
   return jnp.mean(hard * ce) + cfg.adv * adv
 
 
-def make_generator_step(method, cfg, generator, teacher, student, mode):
+def make_generator_step(method, cfg, generator, teacher, student, mode, rule=ensemble.MEAN):
   tx = optax.chain(optax.clip_by_global_norm(cfg.g_grad_clip), optax.adam(cfg.lr_g, b1=0.5, b2=0.999))
 
   def loss_fn(gen_and_z, labels, client_params, weights, student_params, rng):
     gen_params, z = gen_and_z
     images, _ = generator.apply({"params": gen_params}, z, mutable=["batch_stats"])
     augmented = augment.random_crop_flip(rng, images, cfg.crop_padding)
-    t_logits = ensemble_logits(teacher, client_params, weights, augmented, mode)
+    t_logits = ensemble_logits(teacher, client_params, weights, augmented, mode, rule)
     s_logits, _ = student.apply({"params": student_params}, augmented)
     return generator_loss(method, cfg, t_logits, s_logits, labels), images
 
@@ -124,16 +126,16 @@ def make_generator_step(method, cfg, generator, teacher, student, mode):
   return init, jax.jit(step, donate_argnums=0)
 
 
-def ods_perturb(teacher, client_params, weights, images, rng, *, eps, tau, mode):
+def ods_perturb(teacher, client_params, weights, images, rng, *, eps, tau, mode, rule=ensemble.MEAN):
   """Output-diversified sampling (Co-Boosting's KD): one signed-gradient step of size eps that
   moves the ensemble's tempered softmax along a random direction r ~ U(-1, 1)^C."""
   r = jax.random.uniform(rng, (images.shape[0], teacher.num_classes), minval=-1.0, maxval=1.0)
   direction = jax.grad(lambda x: jnp.sum(
-      r * jax.nn.softmax(ensemble_logits(teacher, client_params, weights, x, mode) / tau)))(images)
+      r * jax.nn.softmax(ensemble_logits(teacher, client_params, weights, x, mode, rule) / tau)))(images)
   return images + eps * jnp.sign(direction)
 
 
-def make_kd_step(method, cfg, tx, teacher, student, mode):
+def make_kd_step(method, cfg, tx, teacher, student, mode, rule=ensemble.MEAN):
   tau = cfg.dense_tau if method == "dense" else cfg.coboost_tau
 
   def loss_fn(student_params, images, client_params, weights, rng):
@@ -141,8 +143,8 @@ def make_kd_step(method, cfg, tx, teacher, student, mode):
     images = augment.random_crop_flip(aug_rng, images, cfg.crop_padding)
     if method == "coboosting" and cfg.ods_eps:
       images = ods_perturb(teacher, client_params, weights, images, ods_rng, eps=cfg.ods_eps, tau=tau,
-                           mode=mode)
-    t_logits = ensemble_logits(teacher, client_params, weights, images, mode)
+                           mode=mode, rule=rule)
+    t_logits = ensemble_logits(teacher, client_params, weights, images, mode, rule)
     s_logits, _ = student.apply({"params": student_params}, images)
     return tau ** 2 * jnp.mean(kl(t_logits, s_logits, tau))
 
@@ -155,13 +157,13 @@ def make_kd_step(method, cfg, tx, teacher, student, mode):
   return jax.jit(step, donate_argnums=0)
 
 
-def make_reweight(cfg, teacher, mode, batch_size):
+def make_reweight(cfg, teacher, mode, batch_size, rule=ensemble.MEAN):
   """Co-Boosting's ensemble re-weighting: one signed-gradient step of the pool's CE in w."""
 
   @jax.jit
   def grad_on_batch(weights, images, labels, client_params):
     ce = lambda w: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-        ensemble_logits(teacher, client_params, w, images, mode), labels))
+        ensemble_logits(teacher, client_params, w, images, mode, rule), labels))
     return jax.grad(ce)(weights)
 
   def reweight(weights, initial, images, labels, client_params, round_index):
@@ -179,8 +181,10 @@ def pool_batch(filled: int, batch: int, seed: int, round_index: int, step: int) 
   return order[(step * batch + np.arange(batch)) % filled]
 
 
-def train(method, config, teacher, student, client_params, weights, init_params, *, stage, manager):
-  """Runs the method; returns (student params, facts). Resumes from `manager`'s last round."""
+def train(method, config, teacher, student, client_params, weights, init_params, *, stage, manager,
+          rule=ensemble.MEAN):
+  """Runs the method; returns (student params, facts). Resumes from `manager`'s last round.
+  `rule` combines the teachers' logits (ensemble.combine)."""
   cfg, inv, dcfg = config.generator_kd, config.inversion, config.distill
   rounds, batch, num_classes = inv.num_batches, inv.batch_size, student.num_classes
   image_size = config.dataset.image_size
@@ -188,9 +192,10 @@ def train(method, config, teacher, student, client_params, weights, init_params,
   kd_per_round = -(-total_kd // rounds)
   tx = distill.make_optimizer(dcfg, kd_per_round * rounds)
   generator = Generator(image_size, cfg.ngf)
-  gen_init, gen_step = make_generator_step(method, cfg, generator, teacher, student, inv.teachers_mode)
-  kd_step = make_kd_step(method, cfg, tx, teacher, student, inv.teachers_mode)
-  reweight = make_reweight(cfg, teacher, inv.teachers_mode, dcfg.batch_size)
+  mode = inv.teachers_mode
+  gen_init, gen_step = make_generator_step(method, cfg, generator, teacher, student, mode, rule)
+  kd_step = make_kd_step(method, cfg, tx, teacher, student, mode, rule)
+  reweight = make_reweight(cfg, teacher, mode, dcfg.batch_size, rule)
   initial_w = jnp.asarray(weights, jnp.float32)
   state = {
       "student": distill.StudentState(params=init_params, opt_state=tx.init(init_params),

@@ -67,8 +67,9 @@ def init_state(cfg, rng, batch: int, image_size: int, num_patches: int) -> Inver
                         best_pixels=jnp.copy(pixels), best_ce=jnp.full((batch,), jnp.inf))
 
 
-def make_inversion_step(model, cfg, image_size: int):
-  """step(state, labels, client_params, weights, rng) -> (state, metrics); pure and jittable."""
+def make_inversion_step(model, cfg, image_size: int, rule: ensemble.Rule = ensemble.MEAN):
+  """step(state, labels, client_params, weights, rng) -> (state, metrics); pure and jittable.
+  `rule` combines the teachers (ensemble.combine)."""
   patch, tx = model.patch_size, _adam(cfg)
   num_patches = (image_size // patch) ** 2
 
@@ -76,7 +77,7 @@ def make_inversion_step(model, cfg, image_size: int):
     augmented, positions = patches.random_roll_flip(rng, pixels, keep_idx, patch_size=patch,
                                                     max_shift=cfg.jitter_patches, flip=cfg.flip)
     out = ensemble.ensemble_outputs(model, client_params, weights, augmented, keep_idx=positions,
-                                    mode=cfg.teachers_mode)
+                                    mode=cfg.teachers_mode, rule=rule)
     ce = -jnp.take_along_axis(out["log_probs"], labels[:, None], axis=1)[:, 0]
     loss = ce.mean() + cfg.tv_weight * tv_l2(pixels) + cfg.l2_weight * jnp.mean(pixels ** 2)
     return loss, ce
@@ -98,27 +99,29 @@ def make_inversion_step(model, cfg, image_size: int):
   return step
 
 
-def make_prune(model, cfg):
+def make_prune(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
   """prune(pixels, keep_idx, client_params, weights, n_keep) -> the top-n_keep of keep_idx by
   ensemble CLS attention, sorted by position."""
 
   @functools.partial(jax.jit, static_argnums=4)
   def prune(pixels, keep_idx, client_params, weights, n_keep):
     out = ensemble.ensemble_outputs(model, client_params, weights, pixels, keep_idx=keep_idx,
-                                    mode=cfg.teachers_mode, need_attention=True)
+                                    mode=cfg.teachers_mode, need_attention=True, rule=rule)
     _, top = jax.lax.top_k(out["cls_attention"], n_keep)
     return jnp.sort(jnp.take_along_axis(keep_idx, top, axis=1), axis=1)
 
   return prune
 
 
-def make_soft_labels(model, cfg):
-  """Final ensemble outputs on whole images: per-teacher image logits and per-token probs."""
+def make_soft_labels(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
+  """Final ensemble outputs on whole images: per-teacher image logits (combined later, by the
+  distillation loss) and the combined per-token probs."""
 
   @jax.jit
   def soft_labels(pixels, client_params, weights):
     logits, out = ensemble.per_teacher(model, client_params, pixels, None, False, cfg.teachers_mode)
-    token_probs = jnp.sum(weights[:, None, None, None] * jax.nn.softmax(out["token_logits"], -1), 0)
+    token_probs = ensemble.combine(jax.nn.softmax(out["token_logits"], -1), rule, space="prob",
+                                   weights=weights)
     return jnp.swapaxes(logits, 0, 1), token_probs  # [B, K, C], [B, N, C]
 
   return soft_labels
@@ -134,11 +137,11 @@ class Inverter:
   """The jitted pieces of one inversion setup, compiled once and reused for every batch
   (one compilation per token count)."""
 
-  def __init__(self, model, cfg, image_size: int):
-    self.model, self.cfg, self.image_size = model, cfg, image_size
-    self.step = jax.jit(make_inversion_step(model, cfg, image_size), donate_argnums=0)
-    self.prune = make_prune(model, cfg)
-    self.soft_labels = make_soft_labels(model, cfg)
+  def __init__(self, model, cfg, image_size: int, rule: ensemble.Rule = ensemble.MEAN):
+    self.model, self.cfg, self.image_size, self.rule = model, cfg, image_size, rule
+    self.step = jax.jit(make_inversion_step(model, cfg, image_size, rule), donate_argnums=0)
+    self.prune = make_prune(model, cfg, rule)
+    self.soft_labels = make_soft_labels(model, cfg, rule)
 
 
 def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *, sparse: bool,
