@@ -13,21 +13,22 @@ Orbax writes numpy leaves and each shard of a replicated jax.Array once. It refu
 that lives on one process's devices only, so `standard_save` first turns such leaves (which every
 process computed identically) into global arrays replicated over all devices. Only process 0
 deletes a stale result or writes the JSON files, with barriers so the others never race it.
+
+Paths are `etils.epath` paths (as Orbax's own), so the workdir may be a local folder or a bucket
+(`gs://...`): everything here goes through epath, never through `open` or `os` directly.
 """
 import errno
 import json
-import os
-import pathlib
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from fedmitr_jax import sharding
 
 
-def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
@@ -64,9 +65,9 @@ class StageStore:
   """Saves and restores the outputs and in-progress state of named pipeline stages."""
 
   def __init__(self, workdir):
-    self.root = pathlib.Path(workdir) / "stages"
+    self.root = epath.Path(workdir) / "stages"
 
-  def _dir(self, stage: str) -> pathlib.Path:
+  def _dir(self, stage: str) -> epath.Path:
     return self.root / stage
 
   # ---- finished stages -------------------------------------------------------------------
@@ -76,7 +77,7 @@ class StageStore:
   def save_result(self, stage: str, tree, facts: dict | None = None) -> None:
     stale = self._dir(stage) / "result"
     if jax.process_index() == 0 and stale.exists():  # killed after the save, before DONE
-      shutil.rmtree(stale)
+      stale.rmtree()
     barrier(f"{stage}: stale result removed")  # before any process opens the folder again
     with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:
       manager.save(0, args=standard_save(tree), force=True)
@@ -107,11 +108,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_tree):
   return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_tree))
 
 
-def write_json_atomic(path: pathlib.Path, obj) -> None:
+def write_json_atomic(path, obj) -> None:
+  """Writes a temporary file, then renames it over `path`: a reader never sees half a file (on a
+  bucket the rename is a copy, and the object appears whole)."""
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
+  tmp.replace(path)
 
 
 

@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from fedmitr_jax.data import datasets
 
@@ -82,8 +83,7 @@ def write_results_markdown(results: dict, path) -> None:
   lines += ["", "| client | examples | test acc (%) |", "|---|---|---|"]
   for k, client in enumerate(results["clients"]):
     lines.append(f"| {k} | {client['num_examples']} | {100 * client['test_acc']:.2f} |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  epath.Path(path).write_text("\n".join(lines) + "\n")
 
 
 def _fmt(v):

@@ -10,6 +10,7 @@ import platform
 import subprocess
 
 import jax
+from etils import epath
 
 from fedmitr_jax import checkpoints, config_base, sharding
 from fedmitr_jax.data import datasets, partition as partition_lib
@@ -63,7 +64,7 @@ def prepare(config, workdir):
       check_pretrained(config, dataset.num_classes)
   except ValueError as e:
     raise InputError(str(e)) from None
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # a local folder or a bucket path (gs://...)
   resolved = config.to_dict()
   saved_config = workdir / "config.json"
   if saved_config.exists():
