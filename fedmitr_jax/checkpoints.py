@@ -28,9 +28,16 @@ from jax.experimental import multihost_utils
 from fedmitr_jax import sharding
 
 
+def absolute(path) -> epath.Path:
+  """`path` made absolute, as Orbax wants it. A bucket path already is: epath's `absolute()` would
+  turn 'gs://b/run' into '<cwd>/gs:/b/run'."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else path.absolute()
+
+
 def _manager(directory: epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(directory.absolute(), options=options)
+  return ocp.CheckpointManager(absolute(directory), options=options)
 
 
 def abstract_like(tree):
