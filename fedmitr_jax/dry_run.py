@@ -80,8 +80,12 @@ def measure(stage: str, jitted, args, *, steps: int, devices: int, **kwargs) -> 
   memory = compiled.memory_analysis()
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
           - memory.alias_size_in_bytes)
-  return {"stage": stage, "devices": devices, "tflop_per_step": round(cost["flops"] * devices / 1e12, 4),
-          "steps": int(steps), "peak_gib_per_device": round(peak / 2 ** 30, 3)}
+  return {"stage": stage, "devices": devices, "tflop_per_step": significant(cost["flops"] * devices / 1e12),
+          "steps": int(steps), "peak_gib_per_device": significant(peak / 2 ** 30)}
+
+
+def significant(x: float, digits: int = 4) -> float:
+  return float(f"{x:.{digits}g}")
 
 
 class Setup:
@@ -251,9 +255,9 @@ def plan(config) -> list[dict]:
 def summary(lines, *, chip, mfu: float) -> dict:
   """Total EFLOP and projected hours: each stage at (its devices x the chip's peak x mfu)."""
   chips = [chip] if chip else list(PEAK_BF16_TFLOPS)
-  hours = {c: round(sum(l["tflop_per_step"] * l["steps"] / (l["devices"] * PEAK_BF16_TFLOPS[c] * mfu)
-                        for l in lines) / 3600, 2) for c in chips}
-  return {"total_eflop": round(sum(l["tflop_per_step"] * l["steps"] for l in lines) / 1e6, 4),
+  hours = {c: significant(sum(l["tflop_per_step"] * l["steps"] / (l["devices"] * PEAK_BF16_TFLOPS[c] * mfu)
+                              for l in lines) / 3600, 3) for c in chips}
+  return {"total_eflop": significant(sum(l["tflop_per_step"] * l["steps"] for l in lines) / 1e6),
           "mfu": mfu, "peak_bf16_tflops_per_chip": {c: PEAK_BF16_TFLOPS[c] for c in chips},
           "projected_hours": hours, "devices": jax.device_count(),
           "device_kind": jax.devices()[0].device_kind,
