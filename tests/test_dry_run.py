@@ -55,7 +55,8 @@ def test_paper_cifar10_dry_run_on_8_devices(tmp_path):
          "--workdir", str(workdir), "--dry_run", "--chip=v6e", "--config.model.variant=test/16",
          "--config.dataset.image_size=64", "--config.generator_kd.ngf=4",
          f"--config.dataset.tarball={tmp_path / 'absent.tar.gz'}"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO))  # run from an empty folder: anything written would show
   result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   *stages, total = [json.loads(line) for line in result.stdout.splitlines()]
