@@ -253,7 +253,7 @@ STAGES = (client_stage, inversion_stages, distill_stages, generator_kd_stages, e
 
 def plan(config) -> list[dict]:
   """Every stage's line, in the order the pipeline runs them."""
-  validate.check_config(config, check_data=False)  # the data is not needed, and may not be here
+  validate.check_config(config)  # the run's own checks (paths are looked at, nothing is read)
   setup = Setup(config)
   return [line for stage in STAGES for line in stage(setup)]
 

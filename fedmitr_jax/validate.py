@@ -25,11 +25,10 @@ class InputError(ValueError):
   """Bad config or data, found before any stage ran."""
 
 
-def check_config(config, check_data: bool = True) -> None:
-  """Checks that need no data (check_data=False: not even the dataset's paths, for the dry run)."""
+def check_config(config) -> None:
+  """Checks that need no data."""
   try:
-    if check_data:
-      datasets.check_dataset_config(config.dataset)
+    datasets.check_dataset_config(config.dataset)
     partition_lib.check_partition_config(config.partition)
     vit.build_vit(config.model.variant, 2, image_size=config.dataset.image_size)
     vit.compute_dtype(config.model.dtype)

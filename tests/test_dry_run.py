@@ -49,12 +49,14 @@ def test_summary_projects_each_stage_at_its_own_devices():
 @pytest.mark.slow
 def test_paper_cifar10_dry_run_on_8_devices(tmp_path):
   """configs/paper_cifar10.py with every method; a small ViT and generator (the shapes of Ti/16 at
-  224 px take minutes to compile on a CPU), and a dataset path that does not exist: no data is read."""
-  workdir = tmp_path / "run"
+  224 px take minutes to compile on a CPU). The data is a tfds folder with nothing prepared in it:
+  any attempt to load it would fail."""
+  workdir, no_data = tmp_path / "run", tmp_path / "empty_tfds"
+  no_data.mkdir()
   cmd = [sys.executable, "-m", "fedmitr_jax.main", "--config", str(REPO / "configs/paper_cifar10.py"),
          "--workdir", str(workdir), "--dry_run", "--chip=v6e", "--config.model.variant=test/16",
          "--config.dataset.image_size=64", "--config.generator_kd.ngf=4",
-         f"--config.dataset.tarball={tmp_path / 'absent.tar.gz'}"]
+         "--config.dataset.kind=tfds", f"--config.dataset.data_dir={no_data}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO))  # run from an empty folder: anything written would show
   result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
@@ -83,4 +85,5 @@ def test_paper_cifar10_dry_run_on_8_devices(tmp_path):
   assert total["devices"] == 8 and total["mfu"] == 0.4 and list(total["projected_hours"]) == ["v6e"]
   assert total["total_eflop"] == pytest.approx(sum(s["tflop_per_step"] * s["steps"] for s in stages) / 1e6,
                                                rel=1e-3)
-  assert not workdir.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+  assert not workdir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty_tfds"]
+  assert list(no_data.iterdir()) == []
