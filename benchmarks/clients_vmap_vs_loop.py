@@ -19,9 +19,12 @@ import importlib.util  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedmitr_jax import entry  # noqa: E402
 from fedmitr_jax.client import training  # noqa: E402
 from fedmitr_jax.data import datasets, partition
 from fedmitr_jax.models import vit  # noqa: E402
+
+entry.use_cpu_flags()  # the commands' XLA:CPU flags, set before the backend starts
 
 
 def load_config(path):

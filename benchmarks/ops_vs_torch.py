@@ -7,7 +7,6 @@ Shapes are the Mi/4 step's (batch 128 x 65 tokens = 8,320 rows, width 128, 4 hea
 attention matmul q k^T, and softmax / LayerNorm / tanh-GELU over the step's tensors. One JSON line
 per op: `{"op", "xla", "torch", "unit"}` (GFLOP/s for matmuls, ms otherwise), then a table.
 """
-import importlib
 import json
 import pathlib
 import sys
@@ -16,7 +15,9 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-importlib.import_module("fedmitr_jax")  # sets the package's XLA:CPU flags before the backend starts
+from fedmitr_jax import entry  # noqa: E402
+
+entry.use_cpu_flags()  # the commands' XLA:CPU flags, set before the backend starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -32,10 +32,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmitr_jax import config_base  # noqa: E402
+from fedmitr_jax import config_base, entry  # noqa: E402
 from fedmitr_jax.client import training
 from fedmitr_jax.models import vit  # noqa: E402
 from fedmitr_jax.server import distill, inversion
+
+entry.use_cpu_flags()  # the commands' XLA:CPU flags, set before the backend starts
 
 BATCH, IMAGE, CLASSES, TEACHERS = 128, 32, 10, 5
 SMI_ITERATIONS, SMI_STOPS = 4000, (50, 100, 200, 300)

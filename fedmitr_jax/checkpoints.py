@@ -13,23 +13,31 @@ Orbax writes numpy leaves and each shard of a replicated jax.Array once. It refu
 that lives on one process's devices only, so `standard_save` first turns such leaves (which every
 process computed identically) into global arrays replicated over all devices. Only process 0
 deletes a stale result or writes the JSON files, with barriers so the others never race it.
+
+Paths are `etils.epath` paths (as Orbax's own), so the workdir may be a local folder or a bucket
+(`gs://...`): everything here goes through epath, never through `open` or `os` directly.
 """
 import errno
 import json
-import os
-import pathlib
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from fedmitr_jax import sharding
 
 
-def _manager(directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
+def absolute(path) -> epath.Path:
+  """`path` made absolute, as Orbax wants it. A bucket path already is: epath's `absolute()` would
+  turn 'gs://b/run' into '<cwd>/gs:/b/run'."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else path.absolute()
+
+
+def _manager(directory: epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(directory.absolute(), options=options)
+  return ocp.CheckpointManager(absolute(directory), options=options)
 
 
 def abstract_like(tree):
@@ -64,9 +72,9 @@ class StageStore:
   """Saves and restores the outputs and in-progress state of named pipeline stages."""
 
   def __init__(self, workdir):
-    self.root = pathlib.Path(workdir) / "stages"
+    self.root = epath.Path(workdir) / "stages"
 
-  def _dir(self, stage: str) -> pathlib.Path:
+  def _dir(self, stage: str) -> epath.Path:
     return self.root / stage
 
   # ---- finished stages -------------------------------------------------------------------
@@ -76,7 +84,7 @@ class StageStore:
   def save_result(self, stage: str, tree, facts: dict | None = None) -> None:
     stale = self._dir(stage) / "result"
     if jax.process_index() == 0 and stale.exists():  # killed after the save, before DONE
-      shutil.rmtree(stale)
+      stale.rmtree()
     barrier(f"{stage}: stale result removed")  # before any process opens the folder again
     with _manager(self._dir(stage) / "result", max_to_keep=1) as manager:
       manager.save(0, args=standard_save(tree), force=True)
@@ -107,11 +115,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_tree):
   return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_tree))
 
 
-def write_json_atomic(path: pathlib.Path, obj) -> None:
+def write_json_atomic(path, obj) -> None:
+  """Writes a temporary file, then renames it over `path`: a reader never sees half a file (on a
+  bucket the rename is a copy, and the object appears whole)."""
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
+  tmp.replace(path)
 
 
 
@@ -133,16 +144,3 @@ def is_disk_full(error: BaseException) -> bool:
       return True
     error = error.__cause__ or error.__context__
   return False
-
-
-def exit_with_last_line(message: str, code: int) -> None:
-  """Writes `message` as the last line on stderr and exits at once (as fedmitr_jax.main does on a
-  full disk): Orbax's background save threads may still print tracebacks of the failed write, so
-  stderr is pointed at /dev/null first and os._exit does not wait for them."""
-  import sys
-  sys.stdout.flush()
-  sys.stderr.flush()
-  own_stderr = os.dup(2)
-  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-  os.write(own_stderr, (message + "\n").encode())
-  os._exit(code)

@@ -223,8 +223,9 @@ def paper_scale(args, *, client_epochs: float) -> ml_collections.ConfigDict:
   # 0.9, no weight decay) with vit_jax's fine-tuning clip (1.0) and a cosine schedule; epochs per
   # dataset (CIFAR-10: 10 epochs of a ~10k-image shard is ~1.5k steps, enough for a pretrained ViT).
   # Batch 64 per client: the vmapped step holds K x 64 images on one device, at ~50 MB of
-  # activations per image for Ti/16, ~95 MB for S/16 (XLA's memory analysis): 5 Ti clients ~17 GB,
-  # 10 S/16 clients ~60 GB; on 16-32 GB chips use --config.clients.mode=loop (one at a time).
+  # activations per image for Ti/16, ~95 MB for S/16: 5 Ti clients take 15.0 GiB (the dry run,
+  # docs/launching.md; 3.0 GiB with --config.clients.mode=loop, one client at a time), 10 S/16
+  # clients ~60 GB; on 16 GB chips (v5e) use loop mode.
   c.clients.optimizer = "sgd"
   c.clients.lr = 0.01
   c.clients.momentum = 0.9
@@ -243,8 +244,8 @@ def paper_scale(args, *, client_epochs: float) -> ml_collections.ConfigDict:
   c.inversion.lr = 0.25
   c.inversion.jitter_patches = 2
   # Batch 128 (global, split over the devices): a dense step holds up to 128 x K x 50 MB (Ti/16)
-  # of activations, ~33 GB for 5 teachers on one device; S/16 with 10 clients on one 80 GB GPU
-  # needs --config.inversion.batch_size=64.
+  # of activations, ~33 GB for 5 teachers on one device, 3.0 GiB per device on 8 (the dry run);
+  # S/16 with 10 clients on one 80 GB GPU needs --config.inversion.batch_size=64.
   c.inversion.batch_size = 128
   c.inversion.num_batches = 32
   c.inversion.log_every = 500

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from fedmitr_jax.data import augment, datasets
 from fedmitr_jax.server import ensemble
@@ -81,8 +82,7 @@ def write_results_markdown(results: dict, path) -> None:
     lines.append(f"| {k} | {client['num_examples']} | {100 * client['test_acc']:.2f} |")
   if "diagnostics" in results:
     lines += [""] + diagnostics_markdown(results["diagnostics"])
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  epath.Path(path).write_text("\n".join(lines) + "\n")
 
 
 def diagnostics_markdown(diag: dict) -> list:

@@ -2,68 +2,40 @@ r"""Runs a FedMITR experiment end to end, resuming from the workdir's checkpoint
 
   python -m fedmitr_jax.main --config configs/cifar10_cpu.py --workdir /tmp/run \
       [--config.partition.alpha=0.3]
+  python -m fedmitr_jax.main --config configs/paper_cifar10.py --workdir gs://bucket/run \
+      --dry_run --chip=v6e    # compile every stage's step, print FLOPs and memory; runs nothing
 
 Stages: partition -> client training -> sparse inversion -> token-relabel distillation -> evaluate.
+The workdir may be a local folder or a `gs://` path. Exit codes: 2 bad input, 3 a loss became
+NaN/inf, 4 disk full (fedmitr_jax/entry.py).
 """
-import os
-import sys
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from fedmitr_jax import entry
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, results and pictures go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, results and pictures go (a folder "
+                               "or gs://bucket/path).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile each stage's step on the current devices with "
+                             "abstract inputs and print its FLOPs, steps and memory per device as JSON "
+                             "lines; loads no data and writes nothing.")
+_CHIP = flags.DEFINE_enum("chip", None, ["v5e", "v6e", "h100", "h200"], "Dry run: the chip the run's "
+                          "hours are projected for (default: each of them).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Dry run: the fraction of the chip's peak bf16 FLOP/s assumed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def distributed_args(env) -> dict:
-  """Arguments for jax.distributed.initialize(). TPU pods, SLURM and Open MPI are detected by JAX
-  itself; a plain multi-process launch (launch/gpu.sh, the loopback test) names the coordinator
-  (JAX_COORDINATOR_ADDRESS, read by JAX) and the process count and id here."""
-  if "FEDMITR_NUM_PROCESSES" not in env:
-    return {}
-  return {"num_processes": int(env["FEDMITR_NUM_PROCESSES"]), "process_id": int(env["FEDMITR_PROCESS_ID"])}
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are ours
-  if os.environ.get("FEDMITR_DISTRIBUTED") == "1":  # TPU pods / multi-process: before any JAX call
-    import jax
-    jax.distributed.initialize(**distributed_args(os.environ))
-  import jax  # noqa: E402  (imported after distributed init on purpose)
-
-  from fedmitr_jax import checkpoints, guards, pipeline, validate
+def run_experiment() -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
-  try:
-    dataset = validate.prepare(config, workdir)  # validates everything before a stage starts
-    pipeline.run(config, dataset, workdir)
-  except validate.InputError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  except guards.NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(3)
-  except Exception as e:  # noqa: BLE001 (only a full disk is turned into a one-line error)
-    if not checkpoints.is_disk_full(e):
-      raise
-    _exit_with_last_line(f"error: workdir: disk full while saving under {workdir} ({type(e).__name__}); "
-                         "free space and rerun the same command: finished stages and the last "
-                         "complete save are kept", code=4)
-
-
-def _exit_with_last_line(message: str, code: int) -> None:
-  """Writes `message` as the last line on stderr and exits at once. Orbax's background save
-  threads can still be printing tracebacks of the same failed write (and would go on while the
-  interpreter waits for them): stderr is pointed at /dev/null before the message is written to a
-  copy of it, so nothing of theirs lands after it, and os._exit does not wait for them."""
-  sys.stdout.flush()
-  sys.stderr.flush()
-  own_stderr = os.dup(2)
-  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-  os.write(own_stderr, (message + "\n").encode())
-  os._exit(code)
+  if _DRY_RUN.value:
+    from fedmitr_jax import dry_run
+    dry_run.report(config, chip=_CHIP.value, mfu=_MFU.value)
+    return
+  from fedmitr_jax import pipeline, validate
+  dataset = validate.prepare(config, workdir)  # validates everything before a stage starts
+  pipeline.run(config, dataset, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(run_experiment, _WORKDIR)

@@ -10,11 +10,13 @@ stage appends and may repeat steps it had reported before the interruption: read
 row of each (stage, step).
 """
 import contextlib
+import io
 import json
 import math
 import pathlib
 
 import jax
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -35,14 +37,21 @@ class MetricsWriter:
   but 0 it writes nothing, so multi-process runs keep one file."""
 
   def __init__(self, workdir, tensorboard: bool = False):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = epath.Path(workdir)
     self.path = self.workdir / METRICS_FILE
     self.enabled = jax.process_index() == 0
     self._events = None
+    # Object stores (gs://) have no append: there the file is rewritten whole on each row (it is
+    # small: one row per progress report).
+    self._appendable = "://" not in str(workdir)
+    self._lines = None
     if not self.enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
-    _end_with_newline(self.path)  # a run killed mid-line leaves a fragment; start on a fresh line
+    if self._appendable:
+      _end_with_newline(pathlib.Path(self.path))  # a run killed mid-line leaves a fragment
+    else:
+      self._lines = self.path.read_text().splitlines() if self.path.exists() else []
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -55,8 +64,12 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {"stage": stage, "step": int(step), **{k: float(v) for k, v in values.items()}}
-    with self.path.open("a") as f:  # opened per row: a kill loses at most the row being written
-      f.write(json.dumps(row) + "\n")
+    if self._appendable:
+      with open(self.path, "a") as f:  # opened per row: a kill loses at most the row being written
+        f.write(json.dumps(row) + "\n")
+    else:
+      self._lines.append(json.dumps(row))
+      self.path.write_text("\n".join(self._lines) + "\n")
     if self._events is not None:
       for name, value in row.items():
         if name not in ("stage", "step"):
@@ -113,7 +126,7 @@ def read_metrics(path) -> dict:
   """{stage: {step: {metric: value}}}, steps in order; the last row of a (stage, step) wins. Lines
   that are not a complete row (a run killed while writing) are skipped."""
   table = {}
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if not path.exists():
     return table
   for line in path.read_text().splitlines():
@@ -170,8 +183,11 @@ def save_curves(metrics_path, png_path) -> bool:
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   fig.tight_layout()
-  pathlib.Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(png_path, dpi=100)
+  png_path = epath.Path(png_path)
+  png_path.parent.mkdir(parents=True, exist_ok=True)
+  picture = io.BytesIO()  # through epath, so a gs:// workdir gets its picture too
+  fig.savefig(picture, format="png", dpi=100)
+  png_path.write_bytes(picture.getvalue())
   plt.close(fig)
   return True
 

@@ -8,11 +8,11 @@ ones when `eval.screen_clients`. Everything the server does then combines its cl
 Each stage saves its result through `StageStore`; a rerun on the same workdir loads finished
 stages instead of redoing them and resumes an unfinished one from its last save.
 """
-import pathlib
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from fedmitr_jax import checkpoints, diagnostics, evaluate, guards, metrics, plots
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
@@ -23,7 +23,7 @@ from fedmitr_jax.progress import log
 from fedmitr_jax.server import data_free, ensemble, screening
 
 
-def run_partition(config, dataset, store: StageStore, workdir: pathlib.Path):
+def run_partition(config, dataset, store: StageStore, workdir: epath.Path):
   if store.is_done("partition"):
     saved = store.load_result("partition", None)
     indices, offsets = np.asarray(saved["indices"]), np.asarray(saved["offsets"])
@@ -179,7 +179,7 @@ def run(config, dataset, workdir) -> dict:
 
 
 def run_stages(config, dataset, workdir) -> dict:
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # a local folder or a bucket path (gs://...)
   store = StageStore(workdir)
   parts = run_partition(config, dataset, store, workdir)
   client_params = run_clients(config, dataset, parts, store)

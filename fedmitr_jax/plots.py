@@ -4,6 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 from fedmitr_jax.data import datasets  # noqa: E402
 from fedmitr_jax.models import vit  # noqa: E402
@@ -39,5 +40,6 @@ def save_bank_grid(bank, class_names, variant: str, path, per_class: int = 4) ->
   fig.suptitle(f"synthetic images (left) and kept patches (right, {100 * masks.mean():.0f}% kept)",
                fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with epath.Path(path).open("wb") as f:  # a local file or a bucket object
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)

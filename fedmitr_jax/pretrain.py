@@ -14,6 +14,7 @@ W/fractal_samples.png. Resumable: a killed run restarts from its last save with 
 (the batch of step t is a pure function of (seed, t), and the step has no other randomness).
 """
 import pathlib
+
 import sys
 import time
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from fedmitr_jax import checkpoints, config_base, guards, metrics
 from fedmitr_jax.checkpoints import StageStore, write_json_atomic
@@ -28,12 +30,9 @@ from fedmitr_jax.client import training
 from fedmitr_jax.data import datasets, fractal
 from fedmitr_jax.models import pretrained, vit
 from fedmitr_jax.progress import Progress, log
+from fedmitr_jax.validate import InputError
 
 STAGE = "pretrain"
-
-
-class InputError(ValueError):
-  """Bad pretraining config, found before anything is written."""
 
 
 def check_config(config) -> None:
@@ -128,7 +127,7 @@ def image_seed(seed: int) -> int:
 
 
 def run(config, workdir) -> dict:
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # a local folder or a bucket path (gs://...)
   store = StageStore(workdir)
   p = config.pretrain
   model = build_model(config)
@@ -245,34 +244,20 @@ def save_samples(renderer, seed: int, count: int, path) -> None:
 
 
 # ---- entry point ---------------------------------------------------------------------------------
-
-
-def main(argv, config, workdir):
-  del argv
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are ours
-  try:
-    check_config(config)
-    run(config, workdir)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  except guards.NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(3)
-  except Exception as e:  # noqa: BLE001 (only a full disk is turned into a one-line error)
-    if not checkpoints.is_disk_full(e):
-      raise
-    checkpoints.exit_with_last_line(
-        f"error: workdir: disk full while saving under {workdir} ({type(e).__name__}); free space "
-        "and rerun the same command: the last complete save is kept", code=4)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so tests can import this module next to others.
-  from absl import app, flags
+  # Flags are defined here, not at import, so tests can import this module next to others. The
+  # process setup, one-line errors and exit codes (2 bad input, 3 NaN, 4 disk full) are main's
+  # (entry.py).
+  from absl import flags
   from ml_collections import config_flags
+
+  from fedmitr_jax import entry
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, the backbone and pictures go.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: main(argv, _CONFIG.value, _WORKDIR.value))
+
+  def _pretrain():
+    check_config(_CONFIG.value)
+    run(_CONFIG.value, _WORKDIR.value)
+
+  entry.run(_pretrain, _WORKDIR)

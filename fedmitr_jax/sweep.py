@@ -7,13 +7,16 @@ Each (alpha, seed) is an ordinary run in `<workdir>/alpha<a>_seed<s>` (resumable
 exactly as `fedmitr_jax.main`); runs whose `results.json` already holds every method are reused.
 Writes `<workdir>/sweep.{md,csv,json}` and `<workdir>/sweep.png`, also after each finished run,
 so a partial sweep already has a table. `--report_only` rebuilds them from the finished runs.
+The workdir may be a local folder or a `gs://` path; multi-host runs start as fedmitr_jax.main's
+(FEDMITR_DISTRIBUTED=1), and exit codes are main's (fedmitr_jax/entry.py).
 """
 import json
-import pathlib
-import sys
 
-from absl import app, flags, logging
+from absl import flags
+from etils import epath
 from ml_collections import config_flags
+
+from fedmitr_jax import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs and the tables.")
@@ -23,8 +26,8 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the table f
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run_dir(workdir, alpha, seed) -> pathlib.Path:
-  return pathlib.Path(workdir) / f"alpha{alpha:g}_seed{seed}"
+def run_dir(workdir, alpha, seed) -> epath.Path:
+  return epath.Path(workdir) / f"alpha{alpha:g}_seed{seed}"
 
 
 def run_config(config, alpha, seed):
@@ -33,7 +36,7 @@ def run_config(config, alpha, seed):
   return config
 
 
-def finished_results(config, directory: pathlib.Path):
+def finished_results(config, directory: epath.Path):
   """The run's results if it finished with this config and every method, else None."""
   from fedmitr_jax import validate
   path = directory / "results.json"
@@ -48,7 +51,7 @@ def finished_results(config, directory: pathlib.Path):
 
 def write_report(config, workdir, runs) -> None:
   from fedmitr_jax import sweep_report
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   table = sweep_report.aggregate(runs, list(config.methods))
   seeds = sorted({s for _, s in runs})
@@ -61,21 +64,20 @@ def write_report(config, workdir, runs) -> None:
 
 
 def parse_list(values, kind, name):
+  from fedmitr_jax import validate
   try:
     return [kind(v) for v in values]
   except ValueError:
-    print(f"error: --{name}: '{','.join(values)}' is not a comma-separated list of numbers", file=sys.stderr)
-    sys.exit(2)
+    raise validate.InputError(f"--{name}: '{','.join(values)}' is not a comma-separated list of "
+                              "numbers") from None
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+def run_sweep() -> None:
   import jax
 
-  from fedmitr_jax import guards, pipeline, validate
+  from fedmitr_jax import pipeline, validate
   from fedmitr_jax.progress import log
-  base, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  base, workdir = _CONFIG.value, epath.Path(_WORKDIR.value)
   alphas = parse_list(_ALPHAS.value, float, "alphas")
   seeds = parse_list(_SEEDS.value, int, "seeds")
   runs = {}
@@ -85,16 +87,8 @@ def main(argv):
     results = finished_results(config, directory)
     if results is None and not _REPORT_ONLY.value:
       log(f"[sweep] run {i + 1}/{len(grid)}: alpha={alpha:g} seed={seed} -> {directory}")
-      try:
-        dataset = validate.prepare(config, directory)
-      except validate.InputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-      try:
-        results = pipeline.run(config, dataset, directory)
-      except guards.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
+      dataset = validate.prepare(config, directory)
+      results = pipeline.run(config, dataset, directory)
     elif results is not None:
       log(f"[sweep] run {i + 1}/{len(grid)}: alpha={alpha:g} seed={seed} reused from {directory}")
     if results is not None:
@@ -102,13 +96,11 @@ def main(argv):
       if jax.process_index() == 0:
         write_report(config, workdir, runs)
   if not runs:
-    print(f"error: --workdir: no finished runs under {workdir}; run without --report_only first",
-          file=sys.stderr)
-    sys.exit(2)
+    raise validate.InputError(f"--workdir: no finished runs under {workdir}; run without --report_only first")
   log(f"[sweep] {len(runs)}/{len(grid)} runs in the table: {workdir / 'sweep.md'}")
   if jax.process_index() == 0:
     print((workdir / "sweep.md").read_text(), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(run_sweep, _WORKDIR)

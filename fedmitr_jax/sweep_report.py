@@ -7,7 +7,10 @@ import csv
 import json
 import math
 
+import io
+
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -76,17 +79,17 @@ def write_markdown(table: dict, path, seeds_note: str) -> None:
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   lines += ["", f"Test accuracy (%), mean ± std over seeds ({seeds_note}); the gain is per seed, "
             "then averaged."]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  epath.Path(path).write_text("\n".join(lines) + "\n")
 
 
 def write_csv(table: dict, path) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["row", "alpha", "mean", "std", "num_seeds"])
-    for alpha, rows in sorted(table.items()):
-      for row, (mean, std, n) in rows.items():
-        writer.writerow([row, alpha, f"{mean:.4f}", f"{std:.4f}", n])
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(["row", "alpha", "mean", "std", "num_seeds"])
+  for alpha, rows in sorted(table.items()):
+    for row, (mean, std, n) in rows.items():
+      writer.writerow([row, alpha, f"{mean:.4f}", f"{std:.4f}", n])
+  epath.Path(path).write_text(text.getvalue())
 
 
 def save_plot(table: dict, path, title: str) -> None:
@@ -110,12 +113,12 @@ def save_plot(table: dict, path, title: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with epath.Path(path).open("wb") as f:  # a local file or a bucket object
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
 
 def write_json(table: dict, path) -> None:
   out = {str(a): {row: {"mean": m, "std": s, "num_seeds": n} for row, (m, s, n) in rows.items()}
          for a, rows in table.items()}
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
+  epath.Path(path).write_text(json.dumps(out, indent=1))

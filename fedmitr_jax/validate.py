@@ -14,6 +14,7 @@ import subprocess
 from typing import Any, Callable, NamedTuple
 
 import jax
+from etils import epath
 
 from fedmitr_jax import checkpoints, config_base, sharding
 from fedmitr_jax.client import attacks
@@ -257,7 +258,7 @@ def prepare(config, workdir):
       check_pretrained(config, dataset.num_classes)
   except ValueError as e:
     raise InputError(str(e)) from None
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # a local folder or a bucket path (gs://...)
   resolved = config.to_dict()
   saved_config = workdir / "config.json"
   if saved_config.exists():

@@ -1,26 +1,45 @@
-"""The package: importing it turns XLA:CPU's YNNPACK dot fusions off unless XLA_FLAGS decides; its
-pyproject.toml agrees with the requirements.txt lock."""
+"""XLA:CPU's YNNPACK dot fusions are turned off by the commands, only for runs on XLA:CPU, and
+never by importing the package; the user's own XLA_FLAGS always win. pyproject.toml agrees with
+the requirements.txt lock."""
 import os
 import subprocess
 import sys
 
-CODE = "import fedmitr_jax, os; print(os.environ.get('XLA_FLAGS', ''))"
+from fedmitr_jax import entry
+
+PRINT_FLAGS = "import os; {code}; print(os.environ.get('XLA_FLAGS', '<unset>'))"
 
 
-def flags_after_import(xla_flags):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def flags_after(code: str, xla_flags=None, platforms=None) -> str:
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
-  return subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True,
-                        check=True, timeout=120).stdout.strip()
+  if platforms is not None:
+    env["JAX_PLATFORMS"] = platforms
+  return subprocess.run([sys.executable, "-c", PRINT_FLAGS.format(code=code)], env=env, capture_output=True,
+                        text=True, check=True, timeout=120).stdout.strip()
 
 
-def test_ynn_fusions_off_by_default_and_user_flags_kept():
-  assert flags_after_import(None) == "--xla_cpu_experimental_ynn_fusion_type="
-  assert flags_after_import("--xla_force_host_platform_device_count=8") == \
-      "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type="
-  mine = "--xla_cpu_experimental_ynn_fusion_type=dot"  # the user's own choice wins
-  assert flags_after_import(mine) == mine
+def test_importing_the_package_and_its_commands_leaves_xla_flags_alone():
+  code = "import fedmitr_jax, fedmitr_jax.main, fedmitr_jax.pipeline"
+  assert flags_after(code) == "<unset>"
+  assert flags_after(code, xla_flags="--xla_force_host_platform_device_count=8") == \
+      "--xla_force_host_platform_device_count=8"
+
+
+def test_cpu_runs_get_the_flag_and_accelerator_runs_do_not():
+  code = "from fedmitr_jax import entry; entry.use_cpu_flags()"
+  assert flags_after(code, platforms="cpu") == entry.NO_YNN_FUSIONS
+  assert flags_after(code, xla_flags="--xla_force_host_platform_device_count=8", platforms="cpu") == \
+      f"--xla_force_host_platform_device_count=8 {entry.NO_YNN_FUSIONS}"
+  for accelerator in ("tpu", "cuda", "tpu,cpu"):  # an accelerator's XLA may not know a CPU flag
+    assert flags_after(code, platforms=accelerator) == "<unset>", accelerator
+
+
+def test_the_users_own_setting_wins():
+  mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
+  assert entry.with_cpu_flags(mine) == mine
+  assert entry.with_cpu_flags("") == entry.NO_YNN_FUSIONS
 
 
 def test_pyproject_ranges_admit_every_locked_version():

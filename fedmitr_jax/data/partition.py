@@ -3,9 +3,9 @@
 All splits are pure functions of (labels, config, seed), so a rerun rebuilds the same clients.
 """
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from fedmitr_jax import config_base
 
@@ -124,11 +124,11 @@ def save_partition_report(counts: np.ndarray, class_names, out_dir: str) -> None
   num_clients, num_classes = counts.shape
   if len(class_names) != num_classes:
     raise PartitionError(f"partition: {len(class_names)} class names for {num_classes} count columns")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(out_dir)  # a local folder or a bucket path (gs://...)
+  out_dir.mkdir(parents=True, exist_ok=True)
   report = {"class_counts": counts.tolist(), "client_sizes": counts.sum(1).tolist(),
             "class_names": [str(c) for c in class_names]}
-  with open(os.path.join(out_dir, "partition.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  (out_dir / "partition.json").write_text(json.dumps(report, indent=1))
 
   fig = Figure(figsize=(min(2 + 0.6 * num_classes, 40), min(1.5 + 0.4 * num_clients, 40)))
   FigureCanvasAgg(fig)
@@ -145,4 +145,5 @@ def save_partition_report(counts: np.ndarray, class_names, out_dir: str) -> None
   ax.set_xlabel("class")
   ax.set_title(f"{num_clients} clients, {num_classes} classes, {int(counts.sum())} examples")
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "partition.png"), dpi=100)
+  with (out_dir / "partition.png").open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
