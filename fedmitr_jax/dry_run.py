@@ -101,6 +101,8 @@ class Setup:
     self.config = config
     self.num_classes, self.train_size, self.test_size = dataset_sizes(config.dataset)
     self.image_size = config.dataset.image_size
+    # CIFAR-10 is held at its native 32 px and resized on the device inside each step.
+    self.stored_size = 32 if config.dataset.kind in ("cifar10", "shared_cifar10") else self.image_size
     self.num_clients = config.partition.num_clients
     dtype = vit.compute_dtype(config.model.dtype)
     variant = config.model.variant
@@ -135,10 +137,10 @@ def client_stage(s: Setup) -> list[dict]:
   device of each process (the stage is not sharded)."""
   cfg, k = s.config.clients, s.num_clients
   tx = training.make_optimizer(cfg)
-  step = training.make_client_train_step(s.teacher, tx, cfg)
+  step = training.make_client_train_step(s.teacher, tx, cfg, s.image_size)
   state = jax.eval_shape(lambda p: training.init_client_state(p, tx), s.params)
   shard_steps = max(1, math.ceil(cfg.epochs * (s.train_size / k) / cfg.batch_size))
-  image = (cfg.batch_size, s.image_size, s.image_size, 3)
+  image = (cfg.batch_size, s.stored_size, s.stored_size, 3)
   one = (image, (cfg.batch_size,), (cfg.batch_size,), (), ())
   if cfg.mode == "vmap":
     stack = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype), t)
@@ -232,19 +234,22 @@ def generator_kd_stages(s: Setup) -> list[dict]:
 def evaluation_stages(s: Setup) -> list[dict]:
   """Test-set passes on one device: every client at once (clients and their ensemble), then
   FedAvg and each student (students that learned token labels are scored twice: CLS, CLS+token)."""
-  from fedmitr_jax import evaluate
+  from fedmitr_jax import diagnostics, evaluate
   b = s.config.eval.batch_size
-  images = s.array((b, s.image_size, s.image_size, 3), jnp.uint8)
+  images = s.array((b, s.stored_size, s.stored_size, 3), jnp.uint8)
   batches = math.ceil(s.test_size / b)
   methods = list(s.config.methods)
-  lines = [measure("evaluate/clients", evaluate._predict_stacked_probs, (), steps=batches, devices=1,
-                   model=s.teacher, client_params=s.client_params, images_u8=images)]
+  k = s.num_clients
+  lines = [measure("evaluate/clients", diagnostics._teacher_batch, (), steps=batches, devices=1,
+                   model=s.teacher, client_params=s.client_params, weights=s.array((k,), jnp.float32),
+                   members=s.array((k,), jnp.int32), images_u8=images, labels=s.array((b,), jnp.int32),
+                   image_size=s.image_size)]
   passes = (("fedavg" in methods or "ensemble" in methods)  # run_baseline_eval always scores FedAvg
             + sum(m in generator_kd.METHODS for m in methods) + 2 * sum(m in data_free.DATA_FREE for m in methods))
   if passes:
     lines.append(measure("evaluate/models", evaluate._predict, (), steps=batches * passes, devices=1,
                          model=s.student, params=s.student_params, images_u8=images,
-                         token_weight=s.config.distill.eval_token_weight))
+                         token_weight=s.config.distill.eval_token_weight, image_size=s.image_size))
   return lines
 
 

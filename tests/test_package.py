@@ -54,14 +54,13 @@ def test_pyproject_ranges_admit_every_locked_version():
   repo = pathlib.Path(__file__).resolve().parents[1]
   project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
   assert project["name"] == "fedmitr_jax" and project["requires-python"] == ">=3.11"
-  declared = [Requirement(r) for r in project["dependencies"]]
-  declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
-  ranges = {}
-  for requirement in declared:
-    if not requirement.extras:  # jax[tpu] / jax[cuda12] restate jax's range for the accelerator extras
-      ranges[canonicalize_name(requirement.name)] = requirement.specifier
-  pins = [line.split("==") for line in (repo / "requirements.txt").read_text().splitlines()
-          if line and not line.startswith("#")]
+  ranges = {canonicalize_name(Requirement(r).name): Requirement(r).specifier for r in project["dependencies"]}
+  for extra in project["optional-dependencies"].values():
+    for requirement in map(Requirement, extra):
+      if not requirement.extras:  # jax[tpu] / jax[cuda12] restate jax's range for the accelerator extras
+        ranges[canonicalize_name(requirement.name)] = requirement.specifier
+  pins = [(Requirement(line).name, str(Requirement(line).specifier).removeprefix("=="))
+          for line in (repo / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
   assert pins
   for name, version in pins:
     assert canonicalize_name(name) in ranges, f"{name} is locked but not declared in pyproject.toml"
