@@ -10,6 +10,15 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def chunks(start: int, stop: int, *periods: int) -> list[tuple[int, int]]:
+  """[start, stop) split after every multiple of each period (log points, save points): the
+  pieces a compiled loop runs between two looks from the host."""
+  if stop <= start:
+    return []
+  ends = sorted({e for p in periods for e in range((start // p + 1) * p, stop, p)} | {stop})
+  return list(zip([start] + ends[:-1], ends))
+
+
 class Progress:
   def __init__(self, stage: str, total_steps: int, items_per_step: int, unit: str = "img",
                 start_step: int = 0):
