@@ -10,8 +10,9 @@ The student has an LV-ViT-style separate token head. The batch is split over a '
 and parameters are replicated; XLA inserts the gradient all-reduce.
 
 The bank lives on the devices for the whole stage (replicated, float32: the arrays the synthesis
-saved, so the batches are bit-for-bit the host-gathered ones); each step receives only its
-example indices and gathers its batch inside the compiled step.
+saved, so the batches are bit-for-bit the host-gathered ones). The steps up to the next log or
+save point run as one compiled loop that receives only their example indices and gathers each
+batch on the device (one dispatch per chunk instead of a host gather and transfer per step).
 """
 import functools
 
@@ -173,6 +174,8 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
   rng = jax.random.fold_in(jax.random.key(seed), 4)  # stream 4: distillation
   progress = Progress(stage, total, cfg.batch_size, start_step=start)
   guard = guards.FiniteGuard(stage, "distill.lr")
+  # Placed as the loop returns it, so the first chunk does not compile the loop a second time.
+  guard.first_bad = sharding.replicate(mesh, guard.first_bad)
   last_save = lambda: manager.latest_step() if manager is not None else None
   # One compiled call per chunk between log and save points; every chunk's indices are padded
   # to the longest chunk's length, so all chunks share one compilation.

@@ -161,7 +161,6 @@ class Inverter:
 
   def __init__(self, model, cfg, image_size: int):
     self.model, self.cfg, self.image_size = model, cfg, image_size
-    self.step = jax.jit(make_inversion_step(model, cfg, image_size), donate_argnums=0)
     self.loop = jax.jit(make_inversion_loop(model, cfg, image_size), donate_argnums=0)
     self.prune = make_prune(model, cfg)
     self.soft_labels = make_soft_labels(model, cfg)
@@ -180,6 +179,8 @@ def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *,
   loop, prune = inverter.loop, inverter.prune
   progress = Progress(stage_name, cfg.iterations, len(labels))
   guard = guards.FiniteGuard(stage_name, "inversion.lr")
+  # Placed like the loop's output, so the first chunk does not compile the loop a second time.
+  guard.first_bad = shard(guard.first_bad)
   bounds = [0] + stops + [cfg.iterations]
   for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
     if stage > 0:  # a stop: rank with the current pixels, keep the top, restart the best iterate
