@@ -10,6 +10,8 @@ Figures (`{"figure": name, "value": number, "goal": number}`; ratios are measure
   train_peak_fraction        our distillation step's GFLOP/s (XLA cost analysis) / matmul peak
   teachers_vmap_vs_loop      loop / vmap time of an inversion step (> 1: vmap faster)
   clients_vmap_vs_sequential sequential / vmapped client training time (> 1: vmap faster)
+  host_share_*               share of a hot loop's wall time outside compiled computation
+                             (inversion, distillation, clients; benchmarks/host_overhead.py)
   default_job_seconds        the README's default job, end to end (stages in the JSON line)
   bf16_matmul_vs_torch       JAX bf16 matmul GFLOP/s / PyTorch bf16 matmul GFLOP/s
 PyTorch is optional (`pip install torch==2.13.0`); without it the torch figures are skipped.
@@ -232,10 +234,12 @@ def main():
       torch_client = torch_ref.client_step_seconds(variant, repeats)
       emit(f"client_train_vs_torch_{variant}", torch_client / client_seconds, goal=1.2)
 
+  for variant in ("Mi/4", "Sm/4"):
+    model, teachers = teachers_for(variant)
+    ratio, stops = measured_synthesis_speedup(model, teachers, 100 if args.quick else 200)
+    emit(f"sparse_vs_dense_speedup_measured_{variant}", ratio, goal=3.0, stops=list(stops),
+         how="one real dense and one real sparse batch (prunes included), SMI's stops scaled")
   model, teachers = teachers_for("Mi/4")
-  ratio, stops = measured_synthesis_speedup(model, teachers, 100 if args.quick else 200)
-  emit("sparse_vs_dense_speedup_measured_Mi/4", ratio, goal=3.0, stops=list(stops),
-       how="one real dense and one real sparse batch (prunes included), SMI's stops scaled")
   for n in (64, 14):
     loop, _ = inversion_step_seconds(model, teachers, n, repeats, mode="loop")
     vmapped, _ = inversion_step_seconds(model, teachers, n, repeats, mode="vmap")
@@ -246,6 +250,13 @@ def main():
   clients_result = json.loads(clients_line)
   emit("clients_vmap_vs_sequential", clients_result["value"], goal=1.0,
        padding_fraction=clients_result["padding_fraction"])
+  for line in subprocess.run([sys.executable, str(REPO / "benchmarks/host_overhead.py"), "--repeats",
+                              "1" if args.quick else "3"], cwd=REPO, check=True, capture_output=True,
+                             text=True).stdout.splitlines():
+    if not line.startswith('{"figure"'):
+      continue  # the runners' own progress lines
+    result = json.loads(line)
+    emit(result.pop("figure"), result.pop("value"), **result)
   if not args.quick:
     total, stages, accuracy = default_job()
     emit("default_job_seconds", total, stages=stages, test_accuracy_percent=accuracy)

@@ -112,7 +112,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_tree):
   step = manager.latest_step()
   if step is None:
     return 0, None
-  return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_tree))
+  return step, restore(manager, step, abstract_tree)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_tree):
+  """The tree saved at `step` (shapes and dtypes of `abstract_tree`)."""
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_tree))
 
 
 def write_json_atomic(path, obj) -> None:

@@ -12,16 +12,20 @@ class NonFiniteError(RuntimeError):
   """A stage's loss became NaN or infinite."""
 
 
-@jax.jit
-def _first_bad(first_bad, step, loss):
+def first_bad_step(first_bad, step, loss):
+  """Pure: `first_bad` (-1 while every loss was finite) after seeing step `step`'s loss. A compiled
+  loop carries it through its iterations and hands it back to `FiniteGuard.first_bad`."""
   bad = ~jnp.all(jnp.isfinite(loss))
   return jnp.where((first_bad < 0) & bad, step, first_bad)
+
+
+_first_bad = jax.jit(first_bad_step)
 
 
 class FiniteGuard:
   def __init__(self, stage: str, lr_field: str):
     self.stage, self.lr_field = stage, lr_field
-    self.first_bad = jnp.array(-1, jnp.int32)
+    self.first_bad = jnp.array(-1, jnp.int32)  # a compiled loop may carry it and assign it back
 
   def update(self, step: int, loss) -> None:
     """`step`: the 1-based number of the step that produced `loss`."""

@@ -16,6 +16,15 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def chunks(start: int, stop: int, *periods: int) -> list[tuple[int, int]]:
+  """[start, stop) split after every multiple of each period (log points, save points): the
+  pieces a compiled loop runs between two looks from the host."""
+  if stop <= start:
+    return []
+  ends = sorted({e for p in periods for e in range((start // p + 1) * p, stop, p)} | {stop})
+  return list(zip([start] + ends[:-1], ends))
+
+
 class Progress:
   """Reports of one loop. Call `step_done()` after every step: rates and the ETA count from the end
   of the first step, so the compilation that step pays for does not make the rest look slow (a loop
@@ -28,11 +37,13 @@ class Progress:
     self._base_step, self._base_time = start_step, self.start_time  # where rates count from
     self._first_step_seen = False
 
-  def step_done(self) -> None:
-    """Marks the end of the first step run by this Progress; later calls cost nothing."""
+  def step_done(self, step: int | None = None) -> None:
+    """Marks the end of the first step (or, for a loop compiled over chunks of steps, of the first
+    chunk, ending at `step`) run by this Progress; later calls cost nothing."""
     if not self._first_step_seen:
       self._first_step_seen = True
-      self._base_step, self._base_time = self.start_step + 1, time.perf_counter()
+      self._base_step = self.start_step + 1 if step is None else step
+      self._base_time = time.perf_counter()
 
   def report(self, step: int, **metrics) -> None:
     values = {k: float(v) for k, v in metrics.items()}

@@ -92,3 +92,33 @@ def test_training_reduces_loss_on_a_learnable_task():
     state, m = step(state, images, labels, mask, jnp.int32(30), jax.random.key(t))
     losses.append(float(m["loss"]))
   assert losses[-1] < 0.5 * losses[0]
+
+
+def _host_fed(step, states, images, labels, plan, rngs):
+  """The runners as they were: one jitted call per step on a batch gathered on the host."""
+  vstep = jax.jit(jax.vmap(step))
+  for t in range(plan.index.shape[1]):
+    idx = plan.index[:, t]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, t)
+    states, _ = vstep(states, images[idx], labels[idx], plan.mask[:, t], jnp.asarray(plan.steps, jnp.int32), keys)
+  return states
+
+
+def test_device_side_batches_equal_host_gathered_batches_bit_for_bit():
+  step, states, images, labels, plan, rngs = _setup()
+  expected = _host_fed(step, states, images, labels, plan, rngs)
+  step, states, images, labels, plan, rngs = _setup()
+  vmapped = training.train_clients_vmap(step, states, images, labels, plan, rngs, log_every=1000)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(vmapped)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  step, states, images, labels, plan, rngs = _setup()
+  looped = training.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000)
+  jstep = jax.jit(step)
+  for k in range(len(plan.steps)):  # client by client, host-gathered, unvmapped
+    state = jax.tree.map(lambda x: x[k], states)
+    for t in range(plan.steps[k]):
+      idx = plan.index[k, t]
+      state, _ = jstep(state, images[idx], labels[idx], plan.mask[k, t], jnp.int32(plan.steps[k]),
+                       jax.random.fold_in(rngs[k], t))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(jax.tree.map(lambda x: x[k], looped))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -134,3 +134,66 @@ def test_synthesis_sharded_over_8_devices_equals_one_device():
                                        shard=shard)
   np.testing.assert_array_equal(one["masks"], many["masks"])
   np.testing.assert_allclose(one["images"], many["images"], atol=1e-4)
+
+
+def test_compiled_loop_equals_the_per_step_loop_bit_for_bit():
+  """One lax.fori_loop over a stage gives exactly what one jitted call per iteration gave."""
+  model, stacked, w = _teachers()
+  cfg = _cfg()
+  state = inversion.init_state(cfg, jax.random.key(0), 8, 16, 16)
+  state = state.replace(keep_idx=state.keep_idx[:, 3:14])  # a sparse stage: 11 tokens
+  labels = jnp.asarray(inversion.balanced_labels(0, 8, 10))
+  rng = jax.random.key(3)
+  step = jax.jit(inversion.make_inversion_step(model, cfg, 16))
+  expected = state
+  for it in range(2, 7):
+    expected, metrics = step(expected, labels, stacked, w, jax.random.fold_in(rng, it))
+  loop = jax.jit(inversion.make_inversion_loop(model, cfg, 16))
+  got, got_metrics, first_bad = loop(state, labels, stacked, w, rng, 2, 7, jnp.int32(-1))
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(metrics["loss"]) == float(got_metrics["loss"]) and int(first_bad) == -1
+  # A non-finite loss is recorded in the graph, at the 1-based number of its iteration.
+  poisoned = state.replace(pixels=state.pixels.at[0, 0, 0, 0].set(jnp.nan))
+  _, _, first_bad = loop(poisoned, labels, stacked, w, rng, 2, 7, jnp.int32(-1))
+  assert int(first_bad) == 3
+
+
+def test_synthesis_stops_on_a_non_finite_loss():
+  from fedmitr_jax import guards
+  model, stacked, w = _teachers()
+  cfg = _cfg(lr=float("nan"))  # NaN pixels after the first update: the second loss is NaN
+  inverter = inversion.Inverter(model, cfg, 16)
+  labels = inversion.balanced_labels(0, 8, 10)
+  try:
+    inversion.synthesize_batch(inverter, stacked, w, labels, jax.random.key(0), sparse=True, stage_name="nan")
+  except guards.NonFiniteError as e:
+    assert "non-finite at step 2;" in str(e) and "inversion.lr" in str(e)
+  else:
+    raise AssertionError("a NaN synthesis finished")
+
+
+def test_bank_saves_one_batch_per_save_and_resumes_to_the_same_bank(tmp_path):
+  import shutil
+  from fedmitr_jax import checkpoints
+  from fedmitr_jax.server import synthetic_bank
+  model, stacked, w = _teachers()
+  cfg = _cfg(iterations=4, stops=(2,), num_batches=3, batch_size=8)
+  inverter = inversion.Inverter(model, cfg, 16)
+  build = lambda store: synthetic_bank.build_bank("inversion_sparse", inverter, stacked, w, num_classes=10,
+                                                  seed=0, sparse=True, store=store)
+  full, _ = build(checkpoints.StageStore(tmp_path / "full"))
+  progress = tmp_path / "full/stages/inversion_sparse/progress"
+  assert sorted(p.name for p in progress.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+  with checkpoints.StageStore(tmp_path / "full").progress_manager("inversion_sparse", None) as manager:
+    saved = checkpoints.restore(manager, 2, None)
+  assert saved["images"].shape == (8, 16, 16, 3)  # the batch alone, not the bank so far
+  np.testing.assert_array_equal(saved["images"], full["images"][8:16])
+  # Killed after batch 1's save: batches 2 and 3 are redone and the bank is the same.
+  stage = tmp_path / "killed/stages/inversion_sparse"
+  shutil.copytree(progress / "1", stage / "progress/1")
+  resumed, facts = build(checkpoints.StageStore(tmp_path / "killed"))
+  assert len(facts["seconds_per_batch"]) == 2
+  for key in synthetic_bank.BANK_KEYS:
+    np.testing.assert_array_equal(full[key], resumed[key])
+  assert int(resumed["batches_done"]) == 3

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmitr_jax import checkpoints, config_base, evaluate, guards, metrics, plots
+from fedmitr_jax import checkpoints, config_base, diagnostics, evaluate, guards, metrics, plots
 from fedmitr_jax.models import vit
 from fedmitr_jax.server import data_free, inversion, synthetic_bank
 
@@ -85,10 +85,10 @@ def test_evaluation_of_clients_ensemble_and_fedavg():
   logits = [np.asarray(forward(jax.tree.map(lambda p: p[k], stacked))) for k in range(2)]
   weights = np.array([0.25, 0.75], np.float32)
   ensemble_labels = (weights[:, None, None] * np.stack([jax.nn.softmax(x) for x in logits])).sum(0).argmax(-1)
-  client_acc, ensemble_acc = evaluate.client_and_ensemble_accuracy(model, stacked, images, ensemble_labels, 4,
-                                                                   weights)
-  assert ensemble_acc == 1.0
-  assert client_acc == [float((x.argmax(-1) == ensemble_labels).mean()) for x in logits]
+  teachers = diagnostics.teacher_diagnostics(model, stacked, images, ensemble_labels, 4, weights, num_classes=4)
+  assert teachers["ensemble"]["test_acc"] == 1.0
+  assert [row["test_acc"] for row in teachers["clients"]] == \
+      [float((x.argmax(-1) == ensemble_labels).mean()) for x in logits]
   first = jax.tree.map(lambda p: p[0], stacked)
   assert evaluate.accuracy(model, first, images, logits[0].argmax(-1), 4) == 1.0
   np.testing.assert_allclose(evaluate.client_weights([10, 30], "data_size"), [0.25, 0.75])

@@ -7,6 +7,9 @@ final parameters. How clients run is a separate choice:
     unchanged), and partial last batches are masked per example.
   * 'loop' (reference): the same step, jitted once, run client after client on the same batches.
 Both see identical batches and random numbers, so they give the same parameters (tested).
+Both keep the training images, labels and batch plan on the device for the whole stage and hand
+each step only its step number: the batch is gathered and the step's random key derived inside
+the compiled step (uint8 images: 150 MB for CIFAR-10 at 32 px, 7.5 GB at 224 px).
 """
 import dataclasses
 import math
@@ -98,6 +101,26 @@ def make_client_train_step(model, tx, cfg, image_size=None):
   return step
 
 
+def make_planned_step(step_fn):
+  """planned(state, images, labels, index, mask, total_steps, rng, t) -> step_fn on step t's batch:
+  images[index[t]] with mask[t], and fold_in(rng, t), computed on the device. `images`/`labels`:
+  the whole training set; `index`/`mask`: one client's plan [T, B]."""
+
+  def planned(state, images, labels, index, mask, total_steps, rng, t):
+    rows = jax.lax.dynamic_index_in_dim(index, t, keepdims=False)
+    return step_fn(state, jnp.take(images, rows, axis=0), jnp.take(labels, rows, axis=0),
+                   jax.lax.dynamic_index_in_dim(mask, t, keepdims=False), total_steps,
+                   jax.random.fold_in(rng, t))
+
+  return planned
+
+
+def on_device(images, labels, plan):
+  """The training set and the plan as device arrays, placed once per stage."""
+  return (jnp.asarray(images), jnp.asarray(labels, jnp.int32), jnp.asarray(plan.index, jnp.int32),
+          jnp.asarray(plan.mask))
+
+
 # ---- batches ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
@@ -137,14 +160,14 @@ def train_clients_vmap(step_fn, states, images, labels, plan: BatchPlan, rngs, *
   `states_fn()` gives the states, as in `train_clients_loop`); `guard` (a guards.FiniteGuard)
   sees every step's losses, so `on_step` can check it before saving."""
   num_clients, total, batch = plan.index.shape
-  vstep = jax.jit(jax.vmap(step_fn), donate_argnums=0)
+  # Clients on axis 0 of the state, plan, step count and key; the dataset and t are shared.
+  vstep = jax.jit(jax.vmap(make_planned_step(step_fn), in_axes=(0, None, None, 0, 0, 0, 0, None)),
+                  donate_argnums=0)
+  images, labels, index, mask = on_device(images, labels, plan)
   totals = jnp.asarray(plan.steps, jnp.int32)
   progress = Progress(stage, total, int(plan.mask.sum() / total), start_step=start_step)
   for t in range(start_step, total):
-    idx = plan.index[:, t]
-    step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, t)
-    states, metrics = vstep(states, images[idx], labels[idx].astype(np.int32),
-                            plan.mask[:, t], totals, step_rngs)
+    states, metrics = vstep(states, images, labels, index, mask, totals, rngs, t)
     progress.step_done()
     if guard is not None:
       guard.update(t + 1, metrics["loss"])
@@ -167,7 +190,8 @@ def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *
   caller that saves only every N steps pays for the stacking only then. Resuming from a state saved
   at `start_step` gives the uninterrupted result: batches and random numbers depend only on
   (client, step)."""
-  jstep = jax.jit(step_fn)
+  jstep = jax.jit(make_planned_step(step_fn))
+  images, labels, index, mask = on_device(images, labels, plan)
   totals = jnp.asarray(plan.steps, jnp.int32)
   offsets = np.concatenate([[0], np.cumsum(plan.steps)])
   for k in range(len(plan.steps)):
@@ -175,11 +199,10 @@ def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *
       continue  # finished before the save we resumed from; its state is in `states`
     first = start_step - offsets[k] if start_step > offsets[k] else 0
     state = jax.tree.map(lambda x: x[k], states)
+    client = index[k], mask[k], totals[k], rngs[k]  # sliced once per client, not per step
     progress = Progress(f"{stage} {k}", int(plan.steps[k]), plan.index.shape[-1], start_step=int(first))
     for t in range(int(first), int(plan.steps[k])):
-      idx = plan.index[k, t]
-      state, metrics = jstep(state, images[idx], labels[idx].astype(np.int32), plan.mask[k, t],
-                             totals[k], jax.random.fold_in(rngs[k], t))
+      state, metrics = jstep(state, images, labels, *client, t)
       progress.step_done()
       g = int(offsets[k]) + t + 1
       if guard is not None:

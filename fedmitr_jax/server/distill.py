@@ -8,6 +8,11 @@ relabelled by the ensemble: q_i is its per-token soft label, or (relabel_target=
 image-level soft label. beta = 0 gives plain KD on the CLS head (dense_kd / sparse_kd).
 The student has an LV-ViT-style separate token head. The batch is split over a 'data' mesh axis
 and parameters are replicated; XLA inserts the gradient all-reduce.
+
+The bank lives on the devices for the whole stage (replicated, float32: the arrays the synthesis
+saved, so the batches are bit-for-bit the host-gathered ones). The steps up to the next log or
+save point run as one compiled loop that receives only their example indices and gathers each
+batch on the device (one dispatch per chunk instead of a host gather and transfer per step).
 """
 import functools
 
@@ -21,8 +26,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fedmitr_jax import checkpoints, guards, sharding
 from fedmitr_jax.client import training
 from fedmitr_jax.models import patches
-from fedmitr_jax.progress import log, Progress
+from fedmitr_jax.progress import chunks, log, Progress
 from fedmitr_jax.server import ensemble
+from fedmitr_jax.server.synthetic_bank import BANK_KEYS
 
 
 @flax.struct.dataclass
@@ -93,6 +99,38 @@ def make_distill_step(model, tx, cfg, rule=ensemble.MEAN, teacher_weights=None):
   return step
 
 
+def make_bank_loop(step, mesh):
+  """loop(state, bank, idx, rng, start, stop, first_bad) -> (state, metrics, first_bad): steps
+  start..stop-1 in one lax.fori_loop. Step t trains on bank[idx[t - start]] (gathered on the
+  device, then split over 'data' like a host-fed batch) with fold_in(rng, t); `first_bad`
+  (guards.first_bad_step) records the first step whose loss was not finite. idx: [L, B] with
+  L >= stop - start (rows past the chunk are padding); start/stop are traced, so every chunk
+  shares one compilation."""
+  split = NamedSharding(mesh, P("data"))
+
+  def loop(state, bank, idx, rng, start, stop, first_bad):
+    def body(t, carry):
+      state, _, first_bad = carry
+      rows = jax.lax.dynamic_index_in_dim(idx, t - start, keepdims=False)
+      batch = {k: jax.lax.with_sharding_constraint(jnp.take(bank[k], rows, axis=0), split) for k in BANK_KEYS}
+      state, metrics = step(state, batch, jax.random.fold_in(rng, t))
+      return state, metrics, guards.first_bad_step(first_bad, t + 1, metrics["loss"])
+
+    metrics = jax.eval_shape(step, state, {k: jax.ShapeDtypeStruct((idx.shape[1],) + bank[k].shape[1:],
+                                                                   bank[k].dtype) for k in BANK_KEYS}, rng)[1]
+    no_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+    return jax.lax.fori_loop(start, stop, body, (state, no_metrics, first_bad))
+
+  return loop
+
+
+def jit_bank_loop(step, mesh):
+  """`make_bank_loop(step)` under jit: state and bank replicated, indices split over 'data'."""
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
+  return jax.jit(make_bank_loop(step, mesh), in_shardings=(replicated,) * 2 + (split,) + (replicated,) * 4,
+                 out_shardings=replicated, donate_argnums=0)
+
+
 def jit_sharded_step(step, mesh):
   """The step under jit with the batch split over 'data' and the state replicated."""
   replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -139,24 +177,30 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
   state = sharding.replicate(mesh, jax.tree.map(jnp.copy, state))
   if teacher_weights is not None:
     teacher_weights = jnp.asarray(teacher_weights, jnp.float32)
-  step_fn = jit_sharded_step(make_distill_step(model, tx, cfg, rule, teacher_weights), mesh)
-  split = NamedSharding(mesh, P("data"))
+  loop = jit_bank_loop(make_distill_step(model, tx, cfg, rule, teacher_weights), mesh)
+  split = NamedSharding(mesh, P(None, "data"))
+  device_bank = sharding.replicate(mesh, {k: np.asarray(bank[k]) for k in BANK_KEYS})  # once per stage
   rng = jax.random.fold_in(jax.random.key(seed), 4)  # stream 4: distillation
-  keys = ("images", "labels", "masks", "teacher_logits", "token_probs")
   progress = Progress(stage, total, cfg.batch_size, start_step=start)
   guard = guards.FiniteGuard(stage, "distill.lr")
+  # Placed as the loop returns it, so the first chunk does not compile the loop a second time.
+  guard.first_bad = sharding.replicate(mesh, guard.first_bad)
   last_save = lambda: manager.latest_step() if manager is not None else None
-  for t in range(start, total):
-    idx = batch_indices(bank_size, cfg.batch_size, t, seed)
-    batch = sharding.put_global({k: bank[k][idx] for k in keys}, split)  # multi-process safe
-    state, metrics = step_fn(state, batch, jax.random.fold_in(rng, t))
-    progress.step_done()
-    guard.update(t + 1, metrics["loss"])
-    if manager is not None and (t + 1) % cfg.checkpoint_every_steps == 0:
+  # One compiled call per chunk between log and save points; every chunk's indices are padded
+  # to the longest chunk's length, so all chunks share one compilation.
+  longest = min(cfg.log_every, cfg.checkpoint_every_steps, total)
+  for first, end in chunks(start, total, cfg.log_every, cfg.checkpoint_every_steps):
+    idx = np.zeros((longest, cfg.batch_size), np.int32)
+    for t in range(first, end):
+      idx[t - first] = batch_indices(bank_size, cfg.batch_size, t, seed)
+    state, metrics, guard.first_bad = loop(state, device_bank, sharding.put_global(idx, split), rng,
+                                           first, end, guard.first_bad)
+    progress.step_done(end)  # the first chunk paid the compilation: rates count from its end
+    if manager is not None and end % cfg.checkpoint_every_steps == 0:
       guard.check(last_save())  # never save a state that came from a NaN
-      manager.save(t + 1, args=checkpoints.standard_save(state))
-    if (t + 1) % cfg.log_every == 0 or t + 1 == total:
-      progress.report(t + 1, **jax.device_get(metrics))
+      manager.save(end, args=checkpoints.standard_save(state))
+    if end % cfg.log_every == 0 or end == total:
+      progress.report(end, **jax.device_get(metrics))
   guard.check(last_save())
   if manager is not None:
     manager.wait_until_finished()

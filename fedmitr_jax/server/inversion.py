@@ -6,6 +6,11 @@ by the last block's CLS-to-patch attention (mean over heads and teachers) and on
 (1 - drop_ratio) survive: from then on only they are forwarded (a gather after the position
 embedding, so the forward pass really shrinks) and only their pixels change. Every stage has a
 static token count, so each stage is one compilation. Dense inversion is the same loop, no stops.
+
+The iterations between two stops run as one compiled loop (`make_inversion_loop`): the random
+numbers (fold_in of the iteration), the best iterate and the non-finite check stay in the graph,
+and the host only sees the loop's end, split at the log points (one dispatch per log_every
+iterations instead of several per iteration).
 """
 import functools
 
@@ -18,7 +23,7 @@ import optax
 from fedmitr_jax import guards, sharding
 from fedmitr_jax.data import datasets
 from fedmitr_jax.models import patches
-from fedmitr_jax.progress import Progress
+from fedmitr_jax.progress import Progress, chunks
 from fedmitr_jax.server import ensemble
 
 
@@ -99,6 +104,26 @@ def make_inversion_step(model, cfg, image_size: int, rule: ensemble.Rule = ensem
   return step
 
 
+def make_inversion_loop(model, cfg, image_size: int, rule: ensemble.Rule = ensemble.MEAN):
+  """loop(state, labels, client_params, weights, rng, start, stop, first_bad) -> (state, metrics,
+  first_bad): iterations start..stop-1 of one stage (a fixed token count) in one lax.fori_loop.
+  Iteration `it` draws its augmentation from fold_in(rng, it), as the per-step loop did, and
+  `first_bad` (guards.first_bad_step) records the first iteration whose loss was not finite.
+  `metrics` are the last iteration's. start/stop are traced: one compilation per token count."""
+  step = make_inversion_step(model, cfg, image_size, rule)
+
+  def loop(state: InversionState, labels, client_params, weights, rng, start, stop, first_bad):
+    def body(it, carry):
+      state, _, first_bad = carry
+      state, metrics = step(state, labels, client_params, weights, jax.random.fold_in(rng, it))
+      return state, metrics, guards.first_bad_step(first_bad, it + 1, metrics["loss"])
+
+    no_metrics = {"loss": jnp.zeros((), jnp.float32), "ce": jnp.zeros((), jnp.float32)}
+    return jax.lax.fori_loop(start, stop, body, (state, no_metrics, first_bad))
+
+  return loop
+
+
 def make_prune(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
   """prune(pixels, keep_idx, client_params, weights, n_keep) -> the top-n_keep of keep_idx by
   ensemble CLS attention, sorted by position."""
@@ -139,7 +164,7 @@ class Inverter:
 
   def __init__(self, model, cfg, image_size: int, rule: ensemble.Rule = ensemble.MEAN):
     self.model, self.cfg, self.image_size, self.rule = model, cfg, image_size, rule
-    self.step = jax.jit(make_inversion_step(model, cfg, image_size, rule), donate_argnums=0)
+    self.loop = jax.jit(make_inversion_loop(model, cfg, image_size, rule), donate_argnums=0)
     self.prune = make_prune(model, cfg, rule)
     self.soft_labels = make_soft_labels(model, cfg, rule)
 
@@ -154,21 +179,23 @@ def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *,
   counts = keep_counts(num_patches, len(stops), cfg.drop_ratio)
   state = jax.tree.map(shard, init_state(cfg, rng, len(labels), image_size, num_patches))
   labels = shard(jnp.asarray(labels))
-  step, prune = inverter.step, inverter.prune
+  loop, prune = inverter.loop, inverter.prune
   progress = Progress(stage_name, cfg.iterations, len(labels))
   guard = guards.FiniteGuard(stage_name, "inversion.lr")
+  # Placed like the loop's output, so the first chunk does not compile the loop a second time.
+  guard.first_bad = shard(guard.first_bad)
   bounds = [0] + stops + [cfg.iterations]
   for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
     if stage > 0:  # a stop: rank with the current pixels, keep the top, restart the best iterate
       keep = prune(state.pixels, state.keep_idx, client_params, weights, counts[stage])
       state = state.replace(keep_idx=keep, best_pixels=jnp.copy(state.pixels),
                             best_ce=jnp.full_like(state.best_ce, jnp.inf))
-    for it in range(start, stop):
-      state, metrics = step(state, labels, client_params, weights, jax.random.fold_in(rng, it))
-      progress.step_done()
-      guard.update(it + 1, metrics["loss"])
-      if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-        progress.report(it + 1, loss=metrics["loss"], ce=metrics["ce"], tokens=counts[stage])
+    for first, end in chunks(start, stop, cfg.log_every):
+      state, metrics, guard.first_bad = loop(state, labels, client_params, weights, rng, first, end,
+                                             guard.first_bad)
+      progress.step_done(end)  # the first chunk paid the compilation: rates count from its end
+      if end % cfg.log_every == 0 or end == cfg.iterations:
+        progress.report(end, loss=metrics["loss"], ce=metrics["ce"], tokens=counts[stage])
   guard.check()  # the bank is saved per batch: a NaN batch never joins it
   # The best iterate of the last stage (dropped patches are identical across its iterates).
   final = state.best_pixels

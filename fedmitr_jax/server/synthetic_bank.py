@@ -1,8 +1,9 @@
 """Stage 3 runner: builds a synthetic bank (several inverted batches) on disk, resumably.
 
-The bank is saved after every finished batch, so a killed synthesis resumes at the next batch.
-Each batch has its own seeded targets and initial pixels (fold_in of the batch number), so a
-resumed bank equals an uninterrupted one.
+Every finished batch is saved on its own (progress step b + 1 holds batch b only, so a save
+writes one batch, not the bank so far), and a killed synthesis reloads the saved batches and
+resumes at the next one. Each batch has its own seeded targets and initial pixels (fold_in of the
+batch number), so a resumed bank equals an uninterrupted one.
 """
 
 import jax
@@ -28,6 +29,15 @@ def _empty_bank(cfg, model, num_classes, num_teachers, image_size):
   }
 
 
+def saved_batches(manager) -> int:
+  """How many batches, from the first, have a complete save (a kill mid-save leaves only an
+  unfinished temporary folder, which Orbax does not list)."""
+  steps, done = set(manager.all_steps()), 0
+  while done + 1 in steps:
+    done += 1
+  return done
+
+
 def build_bank(name: str, inverter: inversion.Inverter, client_params, weights, *, num_classes,
                seed, sparse: bool, store):
   """Returns (bank dict of numpy arrays, facts). `name` is the stage name ('inversion_sparse').
@@ -43,11 +53,16 @@ def build_bank(name: str, inverter: inversion.Inverter, client_params, weights, 
   client_params = sharding.replicate(mesh, client_params)
   weights = sharding.replicate(mesh, np.asarray(weights, np.float32))
   base_rng = jax.random.fold_in(jax.random.key(seed), 3)  # stream 3: synthesis
-  with store.progress_manager(name, max_to_keep=1) as manager:
-    _, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(template))
-    bank = jax.tree.map(np.asarray, saved) if saved is not None else template
+  bank, rows_of = template, lambda b: slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+  batch_template = checkpoints.abstract_like({key: bank[key][rows_of(0)] for key in BANK_KEYS})
+  with store.progress_manager(name, max_to_keep=None) as manager:  # every batch's save is kept
+    done = saved_batches(manager)
+    for b in range(done):
+      saved = checkpoints.restore(manager, b + 1, batch_template)
+      for key in BANK_KEYS:
+        bank[key][rows_of(b)] = np.asarray(saved[key])
+    bank["batches_done"] = np.int32(done)
     seconds = []
-    done = int(bank["batches_done"])
     if done:
       log(f"[{name}] resuming after {done}/{cfg.num_batches} batches")
     for b in range(done, cfg.num_batches):
@@ -56,12 +71,11 @@ def build_bank(name: str, inverter: inversion.Inverter, client_params, weights, 
       out, facts = inversion.synthesize_batch(
           inverter, client_params, weights, labels, jax.random.fold_in(base_rng, b), sparse=sparse, stage_name=f"{name} {b + 1}/{cfg.num_batches}",
           shard=shard)
-      rows = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
       for key in BANK_KEYS:
-        bank[key][rows] = out[key]
+        bank[key][rows_of(b)] = out[key]
       bank["batches_done"] = np.int32(b + 1)
       seconds.append(facts["seconds"])
-      manager.save(b + 1, args=checkpoints.standard_save(bank))
+      manager.save(b + 1, args=checkpoints.standard_save({key: out[key] for key in BANK_KEYS}))
       # A batch takes seconds to minutes; waiting for its save to land costs nothing and means a
       # kill at any later point resumes after this batch.
       manager.wait_until_finished()
