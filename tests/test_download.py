@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedmitr_jax import config_base, download as download_cli, evaluate, validate
+from fedmitr_jax import config_base, diagnostics, download as download_cli, evaluate, validate
 from fedmitr_jax.client import training
 from fedmitr_jax.data import augment, datasets, download
 from fedmitr_jax.models import vit
@@ -304,8 +304,12 @@ def test_evaluation_resizes_small_images_on_device():
   assert evaluate.accuracy(model, params, small, labels, 4, image_size=16) == \
       evaluate.accuracy(model, params, big, labels, 4)
   stacked = jax.tree.map(lambda p: np.stack([p, -p]), params)
-  assert evaluate.client_and_ensemble_accuracy(model, stacked, small, labels, 4, [0.5, 0.5], image_size=16) == \
-      evaluate.client_and_ensemble_accuracy(model, stacked, big, labels, 4, [0.5, 0.5])
+  inside = diagnostics.teacher_diagnostics(model, stacked, small, labels, 4, [0.5, 0.5], 4, image_size=16)
+  before = diagnostics.teacher_diagnostics(model, stacked, big, labels, 4, [0.5, 0.5], 4)
+  for a, b in zip(inside["clients"] + [inside["ensemble"]], before["clients"] + [before["ensemble"]]):
+    assert a["test_acc"] == b["test_acc"] and a["per_class"] == b["per_class"]
+    np.testing.assert_allclose([a["token_entropy"], a["token_acc"]], [b["token_entropy"], b["token_acc"]],
+                               rtol=1e-5)
 
 
 @pytest.mark.slow
