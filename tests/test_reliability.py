@@ -29,8 +29,12 @@ TIMEOUT = 600
 
 
 def command(workdir, *extra):
+  # A field given in `extra` replaces its OVERRIDES entry: ml_collections appends a tuple field's
+  # repeated overrides (two --config.methods would list methods twice, which validation refuses).
+  given = {flag.split("=")[0] for flag in extra}
+  overrides = [flag for flag in OVERRIDES if flag.split("=")[0] not in given]
   return [sys.executable, "-m", "fedmitr_jax.main", "--config", str(REPO / "configs/smoke.py"),
-          "--workdir", str(workdir), *OVERRIDES, *extra]
+          "--workdir", str(workdir), *overrides, *extra]
 
 
 def environment(devices=1):
