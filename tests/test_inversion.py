@@ -31,6 +31,7 @@ def test_keep_counts_follow_smi():
   assert inversion.keep_counts(196, 4, 0.3) == [196, 137, 95, 66, 46]  # ~24% kept at 224 px
 
 
+@pytest.mark.slow  # 10-16 s; the fast tier covers the same code in test_stages / test_robust_ensemble
 def test_ensemble_averages_probabilities_not_logits():
   model, stacked, w = _teachers()
   x = jax.random.normal(jax.random.key(5), (4, 16, 16, 3))
@@ -159,6 +160,7 @@ def test_compiled_loop_equals_the_per_step_loop_bit_for_bit():
   assert int(first_bad) == 3
 
 
+@pytest.mark.slow  # 10-16 s; the fast tier covers the same code in test_stages / test_robust_ensemble
 def test_synthesis_stops_on_a_non_finite_loss():
   from fedmitr_jax import guards
   model, stacked, w = _teachers()
@@ -173,6 +175,7 @@ def test_synthesis_stops_on_a_non_finite_loss():
     raise AssertionError("a NaN synthesis finished")
 
 
+@pytest.mark.slow  # 10-16 s; the fast tier covers the same code in test_stages / test_robust_ensemble
 def test_bank_saves_one_batch_per_save_and_resumes_to_the_same_bank(tmp_path):
   import shutil
   from fedmitr_jax import checkpoints
