@@ -163,7 +163,7 @@ class Inverter:
   (one compilation per token count)."""
 
   def __init__(self, model, cfg, image_size: int, rule: ensemble.Rule = ensemble.MEAN):
-    self.model, self.cfg, self.image_size, self.rule = model, cfg, image_size, rule
+    self.model, self.cfg, self.image_size = model, cfg, image_size
     self.loop = jax.jit(make_inversion_loop(model, cfg, image_size, rule), donate_argnums=0)
     self.prune = make_prune(model, cfg, rule)
     self.soft_labels = make_soft_labels(model, cfg, rule)
