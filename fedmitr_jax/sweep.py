@@ -59,6 +59,11 @@ def write_report(config, workdir, runs) -> None:
   sweep_report.write_markdown(table, workdir / "sweep.md", note)
   sweep_report.write_csv(table, workdir / "sweep.csv")
   sweep_report.write_json(table, workdir / "sweep.json")
+  diagnostics = sweep_report.aggregate_diagnostics(runs)
+  if any(rows["ensemble token acc (%)"][2] for rows in diagnostics.values()):
+    sweep_report.write_markdown(diagnostics, workdir / "sweep_diagnostics.md", note,
+                                what="Teachers' per-token evidence on the test images (token acc: share of "
+                                "patch tokens whose argmax is the image label; entropy of the per-token softmax)")
   sweep_report.save_plot(table, workdir / "sweep.png",
                          f"{config.model.variant}, {config.partition.num_clients} clients, {note}")
 

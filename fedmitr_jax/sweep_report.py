@@ -60,6 +60,33 @@ def aggregate(runs: dict, methods) -> dict:
   return table
 
 
+DIAGNOSTIC_ROWS = {  # row -> (teacher, key, scale): results.json's "diagnostics" on real test images
+    "clients token acc (%)": ("clients", "token_acc", 100.0),
+    "ensemble token acc (%)": ("ensemble", "token_acc", 100.0),
+    "clients token entropy (nats)": ("clients", "token_entropy", 1.0),
+    "ensemble token entropy (nats)": ("ensemble", "token_entropy", 1.0),
+}
+
+
+def aggregate_diagnostics(runs: dict) -> dict:
+  """{alpha: {row: (mean, std, n)}} of the teachers' per-token evidence over seeds (rows:
+  DIAGNOSTIC_ROWS; a "clients" value is first averaged over the run's clients). Runs without
+  diagnostics (older results) are left out of the counts."""
+  table = {}
+  for alpha in sorted({a for a, _ in runs}):
+    seeds = [s for a, s in sorted(runs) if a == alpha and "diagnostics" in runs[a, s]]
+    rows = {}
+    for row, (teacher, key, scale) in DIAGNOSTIC_ROWS.items():
+      values = []
+      for s in seeds:
+        entry = runs[alpha, s]["diagnostics"][teacher]
+        entries = entry if isinstance(entry, list) else [entry]
+        values.append(scale * sum(e[key] for e in entries) / len(entries))
+      rows[row] = (*mean_std(values), len(values))
+    table[alpha] = rows
+  return table
+
+
 def _cell(entry, signed=False):
   mean, std, n = entry
   if n == 0:
@@ -68,7 +95,7 @@ def _cell(entry, signed=False):
   return f"{sign}{mean:.2f} ± {std:.2f}"
 
 
-def write_markdown(table: dict, path, seeds_note: str) -> None:
+def write_markdown(table: dict, path, seeds_note: str, what: str = "Test accuracy (%)") -> None:
   alphas = sorted(table)
   rows = list(next(iter(table.values()))) if table else []
   lines = ["| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |",
@@ -77,8 +104,8 @@ def write_markdown(table: dict, path, seeds_note: str) -> None:
     cells = [_cell(table[a][row], signed=row == GAIN_ROW) for a in alphas]
     name = f"**{row}**" if row in ("fedmitr", GAIN_ROW) else row
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  lines += ["", f"Test accuracy (%), mean ± std over seeds ({seeds_note}); the gain is per seed, "
-            "then averaged."]
+  gain_note = "; the gain is per seed, then averaged" if GAIN_ROW in rows else ""
+  lines += ["", f"{what}, mean ± std over seeds ({seeds_note}){gain_note}."]
   epath.Path(path).write_text("\n".join(lines) + "\n")
 
 

@@ -48,6 +48,24 @@ def test_report_files(tmp_path):
   assert (tmp_path / "t.png").stat().st_size > 5000
 
 
+def test_diagnostics_are_averaged_over_clients_then_seeds(tmp_path):
+  def run(client_accs, ensemble_acc, entropy):
+    result = _results({"fedmitr": 0.3})
+    result["diagnostics"] = {"clients": [{"token_acc": a, "token_entropy": entropy} for a in client_accs],
+                             "ensemble": {"token_acc": ensemble_acc, "token_entropy": entropy - 0.5}}
+    return result
+  runs = {(0.1, 0): run((0.2, 0.4), 0.5, 2.0), (0.1, 1): run((0.1, 0.1), 0.3, 1.0),
+          (0.5, 0): _results({"fedmitr": 0.4})}  # an older result without diagnostics: not counted
+  table = sweep_report.aggregate_diagnostics(runs)
+  assert table[0.1]["clients token acc (%)"][:2] == (pytest.approx(20.0), pytest.approx(math.sqrt(200.0)))  # seeds: 30, 10
+  assert table[0.1]["ensemble token acc (%)"][0] == pytest.approx(40.0)
+  assert table[0.1]["ensemble token entropy (nats)"] == (pytest.approx(1.0), pytest.approx(math.sqrt(0.5)), 2)
+  assert table[0.5]["clients token acc (%)"][2] == 0
+  sweep_report.write_markdown(table, tmp_path / "d.md", "seeds 0, 1", what="Token evidence")
+  text = (tmp_path / "d.md").read_text()
+  assert "| ensemble token acc (%) | 40.00 ± 14.14 | — |" in text and "gain" not in text
+
+
 def test_changed_fields_ignores_methods_and_fields_new_to_the_code():
   saved = {"seed": 0, "methods": ["fedavg"], "distill": {"tau": 4.0}}
   same = {"seed": 0, "methods": ["fedavg", "dense"], "distill": {"tau": 4.0, "new_field": 1}}
