@@ -8,7 +8,8 @@ exactly as `fedmitr_jax.main`); runs whose `results.json` already holds every me
 Writes `<workdir>/sweep.{md,csv,json}` and `<workdir>/sweep.png`, also after each finished run,
 so a partial sweep already has a table. `--report_only` rebuilds them from the finished runs.
 The workdir may be a local folder or a `gs://` path; multi-host runs start as fedmitr_jax.main's
-(FEDMITR_DISTRIBUTED=1), and exit codes are main's (fedmitr_jax/entry.py).
+(FEDMITR_DISTRIBUTED=1), every process runs every run, and process 0 alone writes the tables and
+plot; exit codes are main's (fedmitr_jax/entry.py).
 """
 import json
 

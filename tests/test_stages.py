@@ -31,6 +31,7 @@ def test_bank_stage_fills_every_batch_reports_metrics_and_reloads(tmp_path):
     bank, facts = synthetic_bank.build_bank("inversion_sparse", inverter, stacked, [0.5, 0.5],
                                             num_classes=4, seed=0, sparse=True, store=store)
   assert facts["images"] == 16 and facts["tokens_per_stage"] == [4, 2] and len(facts["seconds_per_batch"]) == 2
+  assert facts["devices"] == jax.device_count() == 8  # every batch split over the whole mesh
   assert bank["images"].shape == (16, 16, 16, 3) and int(bank["batches_done"]) == 2
   assert (bank["masks"].sum(1) == 2).all()  # one stop: 30% of the 4 patches dropped, rounded
   assert np.bincount(bank["labels"], minlength=4).tolist() == [4, 4, 4, 4]

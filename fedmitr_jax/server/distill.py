@@ -204,4 +204,5 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
   guard.check(last_save())
   if manager is not None:
     manager.wait_until_finished()
-  return state.params, {"seconds": progress.elapsed(), "steps": total}
+  # devices: every step's batch was split over this many devices (all processes' devices)
+  return state.params, {"seconds": progress.elapsed(), "steps": total, "devices": mesh.size}

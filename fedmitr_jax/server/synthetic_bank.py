@@ -84,7 +84,8 @@ def build_bank(name: str, inverter: inversion.Inverter, client_params, weights, 
            "tokens_per_stage": inversion.keep_counts(template["masks"].shape[1],
                                                      len(inversion.active_stops(cfg, sparse)), cfg.drop_ratio),
            "iterations": cfg.iterations, "images": int(len(bank["labels"])),
-           "mean_kept_fraction": float(bank["masks"].mean())}
+           "mean_kept_fraction": float(bank["masks"].mean()),
+           "devices": mesh.size}  # every batch was split over this many devices (all processes')
   store.save_result(name, bank, facts)
   log(f"[{name}] {facts['images']} images in {facts['seconds']:.1f} s, tokens per stage "
       f"{facts['tokens_per_stage']}")
