@@ -271,6 +271,7 @@ def train_clients_loop(step_fn, states, images, labels, plan: BatchPlan, rngs, *
   a state saved at `start_step` gives the uninterrupted result: batches and random numbers depend
   only on (client, step)."""
   mesh = mesh or loop_mesh(plan.index.shape[-1])
+  log(f"[{stage}] mesh data={mesh.size} ({mesh.size} devices), one client at a time")
   replicated, plan_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
   jstep = jit_looped_step(step_fn, mesh)
   images, labels = sharding.replicate(mesh, (np.asarray(images), np.asarray(labels, np.int32)))
