@@ -133,23 +133,34 @@ class Setup:
 
 # ---- the stages ------------------------------------------------------------------------------------
 def client_stage(s: Setup) -> list[dict]:
-  """One vmapped step of all K clients (mode 'vmap') or one client's step (mode 'loop'), on one
-  device of each process (the stage is not sharded)."""
+  """The run's own jitted planned step on the run's mesh (training.stage_mesh over every device):
+  all K clients vmapped (mode 'vmap', padded as the run pads them) or one client (mode 'loop'),
+  with the whole training set replicated on every device as an argument, as in the run."""
   cfg, k = s.config.clients, s.num_clients
   tx = training.make_optimizer(cfg)
   step = training.make_client_train_step(s.teacher, tx, cfg, s.image_size)
   state = jax.eval_shape(lambda p: training.init_client_state(p, tx), s.params)
   shard_steps = max(1, math.ceil(cfg.epochs * (s.train_size / k) / cfg.batch_size))
-  image = (cfg.batch_size, s.stored_size, s.stored_size, 3)
-  one = (image, (cfg.batch_size,), (cfg.batch_size,), (), ())
+  mesh = training.stage_mesh(cfg.mode, k, cfg.batch_size)
+  on = lambda spec: (lambda x: NamedSharding(mesh, spec))
+  data = (abstract(s.array((s.train_size, s.stored_size, s.stored_size, 3), jnp.uint8), on(P())),
+          abstract(s.array((s.train_size,), jnp.int32), on(P())))
+  key_data = jax.eval_shape(jax.random.key_data, s.key)
   if cfg.mode == "vmap":
-    stack = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype), t)
-    args = (stack(state), s.array((k,) + one[0], jnp.uint8), s.array((k,) + one[1], jnp.int32),
-            s.array((k,) + one[2], jnp.bool_), s.array((k,), jnp.int32), stack(s.key))
-    return [measure("clients", jax.jit(jax.vmap(step), donate_argnums=0), args, steps=shard_steps, devices=1)]
-  args = (state, s.array(one[0], jnp.uint8), s.array(one[1], jnp.int32), s.array(one[2], jnp.bool_),
-          s.array((), jnp.int32), s.key)
-  return [measure("clients", jax.jit(step), args, steps=shard_steps * k, devices=1)]
+    padded = -(-k // mesh.shape["clients"]) * mesh.shape["clients"]
+    stack = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct((padded,) + x.shape, x.dtype), t)
+    plan = (padded, shard_steps, cfg.batch_size)
+    args = (abstract(stack(state), on(P("clients"))), *data,
+            abstract(s.array(plan, jnp.int32), on(P("clients", None, "data"))),
+            abstract(s.array(plan, jnp.bool_), on(P("clients", None, "data"))),
+            abstract(s.array((padded,), jnp.int32), on(P("clients"))),
+            abstract(stack(key_data), on(P("clients"))), s.array((), jnp.int32))
+    return [measure("clients", training.jit_vmapped_step(step, mesh), args, steps=shard_steps, devices=mesh.size)]
+  plan = (shard_steps, cfg.batch_size)
+  args = (abstract(state, on(P())), *data, abstract(s.array(plan, jnp.int32), on(P(None, "data"))),
+          abstract(s.array(plan, jnp.bool_), on(P(None, "data"))), abstract(s.array((), jnp.int32), on(P())),
+          abstract(key_data, on(P())), s.array((), jnp.int32))
+  return [measure("clients", training.jit_looped_step(step, mesh), args, steps=shard_steps * k, devices=mesh.size)]
 
 
 def inversion_stages(s: Setup) -> list[dict]:

@@ -81,6 +81,7 @@ def run_clients(config, dataset, parts, store: StageStore, *, stage: str = "clie
   guard = guards.FiniteGuard(stage, "clients.lr")
   if cfg.mode not in ("vmap", "loop"):
     raise ValueError(f"clients.mode: '{cfg.mode}' is unknown; use 'vmap' or 'loop'")
+  mesh = training.stage_mesh(cfg.mode, len(parts), cfg.batch_size)  # every device of every process
   with store.progress_manager(stage) as manager:
     start, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(states))
     if saved is not None:
@@ -98,12 +99,12 @@ def run_clients(config, dataset, parts, store: StageStore, *, stage: str = "clie
     train = training.train_clients_vmap if cfg.mode == "vmap" else training.train_clients_loop
     states = train(step_fn, states, dataset.train_images, train_labels, plan, rngs,
                    start_step=start, on_step=save_every, log_every=cfg.log_every_steps, guard=guard,
-                   stage=stage)
+                   stage=stage, mesh=mesh)
     guard.check(manager.latest_step())
     manager.wait_until_finished()
   seconds = time.perf_counter() - started
   store.save_result(stage, states.params, {"seconds": seconds, "mode": cfg.mode,
-                                           "steps": plan.steps.tolist()})
+                                           "steps": plan.steps.tolist(), "devices": mesh.size})
   log(f"[{stage}] done in {seconds / 60:.1f} min")
   return states.params
 

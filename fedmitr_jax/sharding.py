@@ -1,4 +1,4 @@
-"""One data-parallel mesh over every device (all hosts), and helpers to place batches on it.
+"""Meshes over every device (all hosts), and helpers to place batches on them.
 
 We use `jax.jit` with `NamedSharding` (JAX's recommended path; `pmap` is in maintenance mode).
 The mesh axis is 'data'; parameters are replicated, batches split along their first axis.
@@ -11,6 +11,9 @@ transfer, which CPU/GPU backends lack) and checks numpy input by all-gathering i
 process. Every process holds the same host data here (the bank, the parameters), so `put_global`
 hands it whole to `jax.make_array_from_process_local_data` with the global shape: each process
 places the slices its own devices own, with no communication. One process keeps `device_put`.
+
+Client training (stage 2) has a 2-D mesh of its own, `client_mesh`: clients split over 'clients',
+each client's batch split over 'data'.
 """
 import jax
 import numpy as np
@@ -24,6 +27,32 @@ class ShardingError(ValueError):
 
 def data_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def client_mesh_shape(num_clients: int, batch_size: int, devices: int) -> tuple[int, int]:
+  """(clients, data) axis sizes for K = `num_clients` clients of batch B = `batch_size` on D devices.
+
+  The 'clients' size c is the divisor of D that makes the padded client count ceil(K / c) * c
+  smallest, among those where B splits over the D / c devices of 'data' (B % (D / c) == 0); ties
+  go to the larger c. Why: every device computes ceil(K / c) clients x B / (D / c) examples =
+  (padded K) x B / D, so the padded count is the work per device, and the K_padded - K no-op clients
+  are pure waste. Among equal work a larger c means smaller 'data' groups, so each client's gradient
+  all-reduce spans fewer devices, and each device holds fewer clients' states. c = D always qualifies
+  (B % 1 == 0), so there is always a shape: e.g. K=3, B=8, D=8 -> (1, 8) (no padding); K=4 -> (4, 2);
+  K=3, B=2 -> (4, 2) (one no-op client); K=5, B=4 -> (2, 4)."""
+  def padded(c):
+    return -(-num_clients // c) * c
+  fits = [c for c in range(1, devices + 1) if devices % c == 0 and batch_size % (devices // c) == 0]
+  clients = min(fits, key=lambda c: (padded(c), -c))
+  return clients, devices // clients
+
+
+def client_mesh(num_clients: int, batch_size: int) -> Mesh:
+  """The ('clients', 'data') mesh over every device with `client_mesh_shape`'s axis sizes. Devices
+  are in `jax.devices()` order (grouped by process), so a 'data' group no larger than a process's
+  devices stays on one host and the per-client all-reduce does not cross hosts."""
+  shape = client_mesh_shape(num_clients, batch_size, jax.device_count())
+  return Mesh(np.asarray(jax.devices()).reshape(shape), ("clients", "data"))
 
 
 def check_divisible(batch: int, field: str) -> None:

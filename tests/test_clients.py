@@ -1,15 +1,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.sharding import Mesh
 
-from fedmitr_jax import config_base
+from fedmitr_jax import config_base, sharding
 from fedmitr_jax.client import training
 from fedmitr_jax.models import vit
 
 
-def _setup(num_clients=3, sizes=(40, 17, 25)):
+def _setup(num_clients=3, sizes=(40, 17, 25), batch_size=8, epochs=1.5):
   cfg = config_base.base_config().clients
-  cfg.batch_size, cfg.epochs, cfg.lr = 8, 1.5, 1e-3
+  cfg.batch_size, cfg.epochs, cfg.lr = batch_size, epochs, 1e-3
   model = vit.build_vit("test/8", 4, image_size=16)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (sum(sizes), 16, 16, 3), dtype=np.uint8)
@@ -22,6 +24,11 @@ def _setup(num_clients=3, sizes=(40, 17, 25)):
   plan = training.plan_batches(parts, cfg.batch_size, cfg.epochs, seed=0)
   step = training.make_client_train_step(model, tx, cfg)
   return step, states, images, labels, plan, training.client_rngs(0, num_clients)
+
+
+def _one_device(*axes):
+  """A mesh with `axes` on the first device only: the unsharded reference."""
+  return Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(axes)), axes)
 
 
 def test_plan_covers_each_shard_with_masks():
@@ -108,11 +115,13 @@ def test_device_side_batches_equal_host_gathered_batches_bit_for_bit():
   step, states, images, labels, plan, rngs = _setup()
   expected = _host_fed(step, states, images, labels, plan, rngs)
   step, states, images, labels, plan, rngs = _setup()
-  vmapped = training.train_clients_vmap(step, states, images, labels, plan, rngs, log_every=1000)
+  vmapped = training.train_clients_vmap(step, states, images, labels, plan, rngs, log_every=1000,
+                                        mesh=_one_device("clients", "data"))
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(vmapped)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   step, states, images, labels, plan, rngs = _setup()
-  looped = training.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000)
+  looped = training.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000,
+                                       mesh=_one_device("data"))
   jstep = jax.jit(step)
   for k in range(len(plan.steps)):  # client by client, host-gathered, unvmapped
     state = jax.tree.map(lambda x: x[k], states)
@@ -122,3 +131,62 @@ def test_device_side_batches_equal_host_gathered_batches_bit_for_bit():
                        jax.random.fold_in(rngs[k], t))
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(jax.tree.map(lambda x: x[k], looped))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_client_mesh_shape_pads_least_then_prefers_more_client_groups():
+  shape = sharding.client_mesh_shape
+  assert shape(3, 8, 8) == (1, 8)  # c=1 pads nothing; c=2 and c=4 would pad to 4
+  assert shape(4, 8, 8) == (4, 2)  # c=1, 2, 4 all pad nothing: the largest wins
+  assert shape(8, 8, 8) == (8, 1) and shape(16, 8, 8) == (8, 1)
+  assert shape(3, 2, 8) == (4, 2)  # B=2 splits over at most 2 devices: c >= 4, 4 pads to 4
+  assert shape(5, 4, 8) == (2, 4)  # B=4: c >= 2; c=2 pads to 6, c=4 and 8 to 8
+  assert shape(5, 3, 8) == (8, 1)  # an odd batch splits over no devices: one client per device
+  assert shape(6, 12, 4) == (2, 2) and shape(7, 12, 1) == (1, 1)
+  for k in range(1, 20):  # never more padding than the best divisor allows, and the batch always splits
+    for b in (1, 2, 4, 6, 8, 16):
+      c, d = shape(k, b, 8)
+      assert c * d == 8 and b % d == 0
+      assert -(-k // c) * c == min(-(-k // x) * x for x in (1, 2, 4, 8) if b % (8 // x) == 0)
+
+
+# Sharded vs one device: the same batches and keys, but each client's gradient is summed in
+# per-device partial sums then all-reduced over 'data', a different order of float additions, so
+# the parameters agree to float tolerance, not bit for bit. The absolute part (1% of the lr, 1e-3)
+# is for the attention's key bias: softmax ignores it, so its gradient is rounding noise (~1e-9),
+# which Adam scales up towards lr-sized steps; those entries differ by up to ~7e-6 here.
+@pytest.mark.slow
+@pytest.mark.parametrize("sizes, batch_size, mesh_shape", [
+    ((6, 3, 4), 2, {"clients": 4, "data": 2}),  # 3 clients + 1 no-op
+    ((8, 4, 6, 5, 9), 4, {"clients": 2, "data": 4}),  # 5 clients + 1 no-op
+])
+def test_sharded_vmapped_clients_equal_one_device_clients(sizes, batch_size, mesh_shape):
+  k = len(sizes)
+  mesh = sharding.client_mesh(k, batch_size)
+  assert dict(mesh.shape) == mesh_shape and mesh.size == jax.device_count() == 8
+  step, states, images, labels, plan, rngs = _setup(k, sizes, batch_size, epochs=1.0)
+  assert len(set(plan.steps.tolist())) > 1  # unequal clients: some are masked while others train
+  sharded = training.train_clients_vmap(step, states, images, labels, plan, rngs, log_every=1, mesh=mesh)
+  step, states, images, labels, plan, rngs = _setup(k, sizes, batch_size, epochs=1.0)
+  one = training.train_clients_vmap(step, states, images, labels, plan, rngs, log_every=1000,
+                                    mesh=_one_device("clients", "data"))
+  np.testing.assert_array_equal(np.asarray(sharded.step), plan.steps)  # K clients back, no padding
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(one)):
+    assert a.shape == b.shape and a.shape[0] == k
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_looped_clients_equal_one_device_clients():
+  step, states, images, labels, plan, rngs = _setup(2, (12, 7), 8, epochs=1.0)
+  sharded = training.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000)
+  step, states, images, labels, plan, rngs = _setup(2, (12, 7), 8, epochs=1.0)
+  one = training.train_clients_loop(step, states, images, labels, plan, rngs, log_every=1000,
+                                    mesh=_one_device("data"))
+  np.testing.assert_array_equal(np.asarray(sharded.step), plan.steps)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(one)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_loop_mode_refuses_a_batch_that_does_not_split_over_the_devices():
+  with pytest.raises(sharding.ShardingError, match=r"^clients.batch_size: 12 is not divisible by the 8 devices"):
+    training.loop_mesh(12)
