@@ -56,6 +56,7 @@ def check_config(config) -> None:
   try:  # data-parallel stages split their batch over every device
     sharding.check_divisible(config.inversion.batch_size, "inversion.batch_size")
     sharding.check_divisible(config.distill.batch_size, "distill.batch_size")
+    sharding.check_divisible(config.eval.batch_size, "eval.batch_size")
   except sharding.ShardingError as e:
     raise InputError(str(e)) from None
   bank = config.inversion.num_batches * config.inversion.batch_size

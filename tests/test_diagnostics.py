@@ -55,7 +55,7 @@ def test_token_diagnostics_of_a_model_with_known_token_logits():
   weights = np.array([0.25, 0.75])
   images = np.random.default_rng(0).integers(0, 256, (7, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
   labels = np.array([0, 1, 2, 2, 2, 1, 0], np.int32)
-  diag = diagnostics.teacher_diagnostics(model, client_params, images, labels, batch_size=3,
+  diag = diagnostics.teacher_diagnostics(model, client_params, images, labels, batch_size=8,
                                          weights=weights, num_classes=NUM_CLASSES)
   # By hand: every image gets the same token distributions.
   p_a, p_b = _softmax(tokens_a), _softmax(tokens_b)
@@ -80,8 +80,8 @@ def test_uniform_tokens_give_log_c_entropy():
   zeros = np.zeros((4, NUM_CLASSES), np.float32)
   params = _known_params(model, zeros, np.zeros(NUM_CLASSES, np.float32))
   images = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-  # Two clients and batch 3, the shapes of the test above: its compilation is reused.
-  diag = diagnostics.teacher_diagnostics(model, _stack(params, params), images, np.array([0, 1], np.int32), 3,
+  # Two clients and batch 8, the shapes of the test above: its compilation is reused.
+  diag = diagnostics.teacher_diagnostics(model, _stack(params, params), images, np.array([0, 1], np.int32), 8,
                                          np.array([0.5, 0.5]), NUM_CLASSES)
   assert diag["ensemble"]["token_entropy"] == pytest.approx(np.log(NUM_CLASSES), abs=1e-6)
 
@@ -105,7 +105,7 @@ def test_diagnostics_match_a_direct_computation_on_a_random_model():
   images = rng.integers(0, 256, (23, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
   labels = rng.integers(0, NUM_CLASSES, 23).astype(np.int32)
   weights = np.array([0.7, 0.3])
-  diag = diagnostics.teacher_diagnostics(model, _stack(*clients), images, labels, 3, weights, NUM_CLASSES)
+  diag = diagnostics.teacher_diagnostics(model, _stack(*clients), images, labels, 8, weights, NUM_CLASSES)
 
   cls_probs, token_probs = [], []
   apply = jax.jit(lambda p, x: model.apply({"params": p}, datasets.normalize(x)))
@@ -118,8 +118,8 @@ def test_diagnostics_match_a_direct_computation_on_a_random_model():
     row = diag["clients"][k]
     assert row["token_entropy"] == pytest.approx(_entropy(token_probs[k]), abs=1e-5)
     assert row["token_acc"] == pytest.approx((token_probs[k].argmax(-1) == labels[:, None]).mean())
-    assert row["test_acc"] == evaluate.accuracy(model, params, images, labels, 3)
-    predictions = evaluate.predicted_labels(model, params, images, 3)
+    assert row["test_acc"] == evaluate.accuracy(model, params, images, labels, 8)
+    predictions = evaluate.predicted_labels(model, params, images, 8)
     assert row["per_class"] == diagnostics.per_class_accuracy(predictions, labels, NUM_CLASSES)
   assert diag["ensemble"]["token_entropy"] == pytest.approx(_entropy(ensemble_tokens), abs=1e-5)
   ensemble_hits = ensemble_tokens.argmax(-1) == labels[:, None]
