@@ -184,6 +184,8 @@ BAD_VALUES = [
      "distill.relabel_target: 'tokens' is unknown; did you mean 'token'? use one of ['token', 'image']"),
     ("dataset.kind", "tfd",
      "dataset.kind: 'tfd' is unknown; did you mean 'tfds'? use one of ['cifar10', 'shared_cifar10', 'folder', 'tfds']"),
+    # Split over the 8 devices conftest gives (evaluation is data-parallel).
+    ("eval.batch_size", 500, "eval.batch_size: 500 is not divisible by the 8 devices; set it to a multiple of 8"),
 ]
 
 

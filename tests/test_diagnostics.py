@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from jax.sharding import Mesh
 from scipy.linalg import hadamard
 
-from fedmitr_jax import config_base, diagnostics, evaluate, pipeline
+from fedmitr_jax import config_base, diagnostics, evaluate, pipeline, sharding
 from fedmitr_jax.data import datasets
 from fedmitr_jax.models import vit
 
@@ -126,6 +127,33 @@ def test_diagnostics_match_a_direct_computation_on_a_random_model():
   assert diag["ensemble"]["token_acc"] == pytest.approx(ensemble_hits.mean())
   ensemble_predictions = sum(w * p for w, p in zip(weights, cls_probs)).argmax(-1)
   assert diag["ensemble"]["test_acc"] == pytest.approx((ensemble_predictions == labels).mean())
+
+
+
+@pytest.mark.slow
+def test_evaluation_split_over_8_devices_equals_one_device():
+  """Test batches split over the 8-device mesh (the last one padded) give the predictions,
+  accuracies and token diagnostics of the same passes on a one-device mesh."""
+  assert jax.device_count() == 8
+  model = vit.build_vit("test/8", NUM_CLASSES, image_size=IMAGE_SIZE)
+  init = jax.jit(lambda key: vit.init_params(model, key, IMAGE_SIZE))
+  rng = np.random.default_rng(2)
+  clients = [dict(p, head=dict(p["head"], kernel=rng.normal(0, 1.0, p["head"]["kernel"].shape).astype(np.float32)))
+             for p in (init(jax.random.key(s)) for s in range(2))]
+  images = rng.integers(0, 256, (20, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # 8 + 8 + 4 (padded)
+  labels = rng.integers(0, NUM_CLASSES, 20).astype(np.int32)
+  one_device = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  runs = [(evaluate.predicted_labels(model, clients[0], images, 8, mesh=mesh),
+           diagnostics.teacher_diagnostics(model, _stack(*clients), images, labels, 8, [0.6, 0.4], NUM_CLASSES,
+                                           mesh=mesh)) for mesh in (sharding.data_mesh(), one_device)]
+  (split_predictions, split_diag), (one_predictions, one_diag) = runs
+  np.testing.assert_array_equal(split_predictions, one_predictions)
+  assert len(set(split_predictions)) > 1  # a model that says one class everywhere would prove little
+  for a, b in zip(split_diag["clients"] + [split_diag["ensemble"]], one_diag["clients"] + [one_diag["ensemble"]]):
+    assert a["test_acc"] == b["test_acc"] and a["per_class"] == b["per_class"]
+    np.testing.assert_allclose([a["token_entropy"], a["token_acc"]], [b["token_entropy"], b["token_acc"]],
+                               rtol=1e-6)
+  assert split_diag["clients"][0]["test_acc"] == evaluate.accuracy_of(split_predictions, labels)
 
 
 def test_per_class_accuracy_against_a_hand_count():

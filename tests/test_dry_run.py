@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fedmitr_jax import dry_run, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARDED = ("inversion_", "distill_")  # the data-parallel stages; the others run on one device today
+SHARDED = ("inversion_", "distill_", "generator_kd/", "evaluate/")  # data-parallel; the others run on one device
 
 
 def test_flops_are_the_whole_step_however_it_is_split():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fedmitr_jax import checkpoints, config_base, sharding
+from fedmitr_jax import checkpoints, config_base, evaluate, sharding
 from fedmitr_jax.models import vit
 from fedmitr_jax.server import distill, generator_kd
 
@@ -86,6 +86,20 @@ def _tiny_config(rounds=2):
   c.distill.batch_size, c.distill.epochs = 8, 2.0
   c.generator_kd.g_steps, c.generator_kd.ngf, c.generator_kd.z_dim = 2, 8, 16
   return c
+
+
+@pytest.mark.parametrize("field", ["inversion.batch_size", "distill.batch_size"])
+def test_a_batch_the_devices_cannot_split_is_refused_before_anything_runs(field):
+  """The generator's batch (inversion.batch_size) and the KD batch (distill.batch_size) are split
+  over the 8 devices: 12 is refused by name before any compilation (no teachers are needed)."""
+  config = _tiny_config()
+  section, name = field.split(".")
+  config[section][name] = 12
+  student = vit.build_vit("test/8", 4, image_size=16, separate_token_head=True)
+  with pytest.raises(sharding.ShardingError, match=rf"^{field}: 12 is not divisible by the 8 devices"):
+    generator_kd.train("dense", config, None, student, None, None, None, stage="s", manager=None)
+  with pytest.raises(sharding.ShardingError, match=r"^eval.batch_size: 12 is not divisible"):
+    evaluate.predicted_labels(student, None, np.zeros((4, 16, 16, 3), np.uint8), 12)
 
 
 @pytest.mark.slow

@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedmitr_jax import checkpoints, guards, sharding
