@@ -67,8 +67,8 @@ def jit_predict(model, mesh: Mesh, token_weight: float = 0.0, image_size: int | 
 
 
 def replicated_params(mesh: Mesh, params):
-  """Parameters (on one device, or replicated over every process) replicated on `mesh`."""
-  return sharding.replicate(mesh, sharding.to_local(params))
+  """Parameters (numpy, on one device, or global arrays of another stage) replicated on `mesh`."""
+  return sharding.replicate_anywhere(mesh, params)
 
 
 def predicted_labels(model, params, images, batch_size: int, token_weight: float = 0.0,

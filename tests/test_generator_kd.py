@@ -119,7 +119,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
                                 jax.tree.map(jnp.copy, init), stage="s", manager=manager)
 
   straight, facts = run(tmp_path / "a", config)
-  assert facts["rounds"] == 2 and facts["kd_steps"] == 4
+  assert facts["rounds"] == 2 and facts["kd_steps"] == 4 and facts["devices"] == 8
   # "Kill" after round 1: a run that saved round 1 of the same 2-round plan, then resumes.
   one_round = _tiny_config()
   original_save = checkpoints.ocp.CheckpointManager.save

@@ -284,7 +284,7 @@ def train(method, config, teacher, student, client_params, weights, init_params,
   gen_init, gen_step = make_generator_step(method, cfg, generator, teacher, student, mode, batch, mesh, rule)
   kd_round = jit_kd_round(make_kd_step(method, cfg, tx, teacher, student, mode, rule), mesh)
   reweight = make_reweight(cfg, teacher, mode, dcfg.batch_size, mesh, rule)
-  client_params = sharding.replicate(mesh, sharding.to_local(client_params))
+  client_params = sharding.replicate_anywhere(mesh, client_params)
   initial_w = sharding.replicate(mesh, np.asarray(weights, np.float32))
   empty_pool = jax.jit(lambda: (jnp.zeros((rounds * batch, image_size, image_size, 3), jnp.float32),
                                 jnp.zeros((rounds * batch,), jnp.int32)), out_shardings=replicated)
@@ -292,7 +292,7 @@ def train(method, config, teacher, student, client_params, weights, init_params,
                 out_shardings=replicated, donate_argnums=(0, 1))
   images, labels = empty_pool()
   state = {
-      "student": sharding.replicate(mesh, distill.StudentState(
+      "student": sharding.replicate_anywhere(mesh, distill.StudentState(
           params=init_params, opt_state=tx.init(init_params), step=jnp.zeros((), jnp.int32))),
       "weights": initial_w,
       "images": images,  # the pool, on the devices
