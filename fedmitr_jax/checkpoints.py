@@ -47,7 +47,7 @@ def abstract_like(tree):
 
 def savable(tree):
   """`tree` as Orbax saves it in a multi-process run: process-local jax.Arrays (client training
-  and the generator baselines compute on each process's own device) become global replicated
+  computes on each process's own device) become global replicated
   arrays, else Orbax raises 'Cannot serialize host local jax.Array ... in multi-host setting'.
   Global arrays and numpy pass unchanged; so does everything in a one-process run."""
   if jax.process_count() == 1:
