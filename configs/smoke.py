@@ -32,5 +32,5 @@ def get_config(arg: str = ""):
   c.distill.log_every = 2
   c.generator_kd.g_steps = 3
   c.generator_kd.ngf = 8
-  c.eval.batch_size = 100
+  c.eval.batch_size = 128  # split over the devices: 1, 2, 4 or 8 of them divide it
   return c

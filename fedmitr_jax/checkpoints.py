@@ -46,10 +46,9 @@ def abstract_like(tree):
 
 
 def savable(tree):
-  """`tree` as Orbax saves it in a multi-process run: process-local jax.Arrays (the generator
-  baselines compute on each process's own device; client training returns a local copy) become
-  global replicated arrays, else Orbax raises 'Cannot serialize host local jax.Array ... in
-  multi-host setting'.
+  """`tree` as Orbax saves it in a multi-process run: process-local jax.Arrays (client training
+  returns a local copy of its states) become global replicated arrays, else Orbax raises 'Cannot
+  serialize host local jax.Array ... in multi-host setting'.
   Global arrays and numpy pass unchanged; so does everything in a one-process run."""
   if jax.process_count() == 1:
     return tree

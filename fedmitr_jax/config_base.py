@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- evaluation -------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 500
+  c.eval.batch_size = 512              # split over all devices: any power-of-two count up to 512 divides it
   c.eval.ensemble_weighting = "uniform"  # weights of the client softmaxes: "uniform" | "data_size"
   c.eval.fedavg_weighting = "data_size"  # FedAvg parameter average weights (McMahan et al.: data size)
   # How the server combines its clients, everywhere (server/ensemble.py): 'mean' (the weighted

@@ -12,6 +12,9 @@ when the teachers' patch tokens already say which class an image shows. On the r
 A client's token distribution is softmax(head(token)), the classifier head applied to each patch
 token (models/vit.py); the ensemble's is sum_k w_k softmax(head_k(token)) with the ensemble's
 weights, the soft labels the synthetic bank stores (server/inversion.py `make_soft_labels`).
+
+The pass is data-parallel like evaluate.py's: each test batch split over the 'data' mesh, the
+client parameters replicated.
 """
 import functools
 
@@ -19,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import entr
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedmitr_jax import evaluate
+from fedmitr_jax import evaluate, sharding
 from fedmitr_jax.server import ensemble
 
 
-@functools.partial(jax.jit, static_argnames=("model", "image_size", "rule"))
 def _teacher_batch(model, client_params, weights, members, images_u8, labels, image_size=None,
                    rule=ensemble.MEAN):
   """One test batch through every client (vmapped over the stacked axis). Returns the client
@@ -45,6 +48,17 @@ def _teacher_batch(model, client_params, weights, members, images_u8, labels, im
   return probs, entropy, hits
 
 
+@functools.lru_cache(maxsize=8)
+def jit_teacher_batch(model, mesh: Mesh, image_size: int | None = None, rule=ensemble.MEAN):
+  """`_teacher_batch` under jit: (client_params, weights, members, images_u8, labels) with the
+  images and labels split over 'data', the rest replicated; every output split along its batch
+  axis (axis 1). Cached: one compilation per model, mesh and rule."""
+  replicated, split, batch_axis_1 = (NamedSharding(mesh, P()), NamedSharding(mesh, P("data")),
+                                     NamedSharding(mesh, P(None, "data")))
+  return jax.jit(functools.partial(_teacher_batch, model, image_size=image_size, rule=rule),
+                 in_shardings=(replicated,) * 3 + (split,) * 2, out_shardings=(batch_axis_1,) * 3)
+
+
 def per_class_accuracy(predictions, labels, num_classes: int) -> list:
   """Accuracy on each class; None for a class with no test example (JSON has no NaN)."""
   predictions, labels = np.asarray(predictions), np.asarray(labels)
@@ -55,23 +69,28 @@ def per_class_accuracy(predictions, labels, num_classes: int) -> list:
 
 def teacher_diagnostics(model, client_params, images, labels, batch_size: int, weights,
                         num_classes: int, image_size: int | None = None, rule=ensemble.MEAN,
-                        members=None) -> dict:
+                        members=None, mesh: Mesh | None = None) -> dict:
   """Every client and the ensemble on the test set, in one pass:
     {"clients": [row] * K, "ensemble": row}, row = {test_acc, per_class, token_entropy, token_acc}.
   The ensemble (the `members`, all clients when None) combines the client softmaxes by `rule`
-  (server/ensemble.py; `mean`: sum_k w_k softmax_k), for its image prediction and its tokens."""
+  (server/ensemble.py; `mean`: sum_k w_k softmax_k), for its image prediction and its tokens.
+  Runs on `mesh` (all devices by default); batch_size must be a multiple of its devices."""
+  mesh = mesh or sharding.data_mesh()
+  sharding.check_divisible(batch_size, "eval.batch_size")
   num_clients, n = jax.tree.leaves(client_params)[0].shape[0], len(images)
   members = np.arange(num_clients) if members is None else np.asarray(members)  # the ensemble's clients
-  w = jnp.asarray(weights, jnp.float32)
   host_weights = np.asarray(weights, np.float32)
+  client_params = evaluate.replicated_params(mesh, client_params)
+  w, device_members = sharding.replicate(mesh, (host_weights, members.astype(np.int32)))
+  teacher_batch, split = jit_teacher_batch(model, mesh, image_size, rule), NamedSharding(mesh, P("data"))
   predictions = np.zeros((num_clients + 1, n), np.int64)
   entropy_sum, hit_sum = np.zeros(num_clients + 1), np.zeros(num_clients + 1)
   for start, stop in evaluate.batches(n, batch_size):
-    probs, entropy, hits = _teacher_batch(model, client_params, w, jnp.asarray(members),
-                                          evaluate.padded(images, start, stop, batch_size),
-                                          evaluate.padded(labels, start, stop, batch_size), image_size, rule)
+    batch = sharding.put_global((evaluate.padded(images, start, stop, batch_size),
+                                 evaluate.padded(labels, start, stop, batch_size).astype(np.int32)), split)
+    probs, entropy, hits = map(sharding.to_host, teacher_batch(client_params, w, device_members, *batch))
     real = stop - start  # the zero-padded tail of the last batch is dropped here
-    probs = np.asarray(probs)[:, :real]
+    probs = probs[:, :real]
     predictions[:num_clients, start:stop] = probs.argmax(-1)
     predictions[num_clients, start:stop] = ensemble.combine(probs[members], rule, space="prob",
                                                             weights=host_weights).argmax(-1)

@@ -217,50 +217,57 @@ def distill_stages(s: Setup) -> list[dict]:
 
 
 def generator_kd_stages(s: Setup) -> list[dict]:
-  """DENSE / Co-Boosting: the generator step and the student's KD step, on one device."""
+  """DENSE / Co-Boosting, data-parallel: the generator step (its batch split over 'data') and the
+  student's KD step (its images split over 'data')."""
   config, lines = s.config, []
   cfg, inv, dcfg = config.generator_kd, config.inversion, config.distill
   rounds, batch = inv.num_batches, inv.batch_size
+  weights = s.replicate(s.array((s.num_clients,), jnp.float32))
+  client_params, student_params = s.replicate(s.client_params), s.replicate(s.student_params)
   for method in [m for m in config.methods if m in generator_kd.METHODS]:
     total_kd = distill.plan_steps(rounds * batch, dcfg.batch_size, dcfg.epochs)
     kd_per_round = -(-total_kd // rounds)
     tx = distill.make_optimizer(dcfg, kd_per_round * rounds)
     generator = generator_kd.Generator(s.image_size, cfg.ngf)
     gen_init, gen_step = generator_kd.make_generator_step(method, cfg, generator, s.teacher, s.student,
-                                                          inv.teachers_mode)
-    gen_state = jax.eval_shape(lambda key: gen_init(key, batch), s.key)
-    weights = s.array((s.num_clients,), jnp.float32)
-    args = (gen_state, s.array((batch,), jnp.int32), s.client_params, weights, s.student_params, s.key)
+                                                          inv.teachers_mode, batch, s.mesh)
+    gen_state = jax.eval_shape(gen_init, s.key)  # carries the shardings init places it with
+    args = (gen_state, s.sharded(s.array((batch,), jnp.int32)), client_params, weights, student_params,
+            s.replicate(s.key))
     lines.append(measure(f"generator_kd/{method}/generator", gen_step, args, steps=rounds * cfg.g_steps,
-                         devices=1))
-    kd_step = generator_kd.make_kd_step(method, cfg, tx, s.teacher, s.student, inv.teachers_mode)
+                         devices=s.devices))
+    kd_step = generator_kd.jit_sharded_kd_step(
+        generator_kd.make_kd_step(method, cfg, tx, s.teacher, s.student, inv.teachers_mode), s.mesh)
     state = jax.eval_shape(lambda p: distill.StudentState(params=p, opt_state=tx.init(p),
                                                           step=jnp.zeros((), jnp.int32)), s.student_params)
-    images = s.array((dcfg.batch_size, s.image_size, s.image_size, 3), jnp.float32)
-    lines.append(measure(f"generator_kd/{method}/kd", kd_step, (state, images, s.client_params, weights, s.key),
-                         steps=kd_per_round * rounds, devices=1))
+    images = s.sharded(s.array((dcfg.batch_size, s.image_size, s.image_size, 3), jnp.float32))
+    lines.append(measure(f"generator_kd/{method}/kd", kd_step,
+                         (s.replicate(state), images, client_params, weights, s.replicate(s.key)),
+                         steps=kd_per_round * rounds, devices=s.devices))
   return lines
 
 
 def evaluation_stages(s: Setup) -> list[dict]:
-  """Test-set passes on one device: every client at once (clients and their ensemble), then
-  FedAvg and each student (students that learned token labels are scored twice: CLS, CLS+token)."""
+  """Test-set passes, each batch split over 'data': every client at once (clients and their
+  ensemble), then FedAvg and each student (students that learned token labels are scored twice:
+  CLS, CLS+token)."""
   from fedmitr_jax import diagnostics, evaluate
   b = s.config.eval.batch_size
-  images = s.array((b, s.stored_size, s.stored_size, 3), jnp.uint8)
+  images = s.sharded(s.array((b, s.stored_size, s.stored_size, 3), jnp.uint8))
   batches = math.ceil(s.test_size / b)
   methods = list(s.config.methods)
   k = s.num_clients
-  lines = [measure("evaluate/clients", diagnostics._teacher_batch, (), steps=batches, devices=1,
-                   model=s.teacher, client_params=s.client_params, weights=s.array((k,), jnp.float32),
-                   members=s.array((k,), jnp.int32), images_u8=images, labels=s.array((b,), jnp.int32),
-                   image_size=s.image_size)]
+  teacher_batch = diagnostics.jit_teacher_batch(s.teacher, s.mesh, s.image_size)
+  lines = [measure("evaluate/clients", teacher_batch,
+                   (s.replicate(s.client_params), s.replicate(s.array((k,), jnp.float32)),
+                    s.replicate(s.array((k,), jnp.int32)), images, s.sharded(s.array((b,), jnp.int32))),
+                   steps=batches, devices=s.devices)]
   passes = (("fedavg" in methods or "ensemble" in methods)  # run_baseline_eval always scores FedAvg
             + sum(m in generator_kd.METHODS for m in methods) + 2 * sum(m in data_free.DATA_FREE for m in methods))
   if passes:
-    lines.append(measure("evaluate/models", evaluate._predict, (), steps=batches * passes, devices=1,
-                         model=s.student, params=s.student_params, images_u8=images,
-                         token_weight=s.config.distill.eval_token_weight, image_size=s.image_size))
+    predict = evaluate.jit_predict(s.student, s.mesh, s.config.distill.eval_token_weight, s.image_size)
+    lines.append(measure("evaluate/models", predict, (s.replicate(s.student_params), images),
+                         steps=batches * passes, devices=s.devices))
   return lines
 
 

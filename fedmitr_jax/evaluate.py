@@ -1,12 +1,19 @@
 """Stage 5: test accuracy of one-shot FedAvg and the distilled students; the clients and their
-ensemble are measured in one pass with their token diagnostics (diagnostics.py)."""
+ensemble are measured in one pass with their token diagnostics (diagnostics.py).
+
+Data-parallel on the 'data' mesh (sharding.py): each test batch (eval.batch_size, a multiple of
+the device count) is split over the devices and the parameters are replicated. Every process
+holds the same test images, so each places its own devices' slices (sharding.put_global) and the
+predictions are gathered back to every process (sharding.to_host)."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedmitr_jax import sharding
 from fedmitr_jax.data import augment, datasets
 from fedmitr_jax.server import ensemble
 
@@ -44,22 +51,38 @@ def model_input(images_u8, image_size):
   return datasets.normalize(augment.resize_to(images_u8, image_size))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "token_weight", "image_size"))
-def _predict(model, params, images_u8, token_weight=0.0, image_size=None):
-  logits, out = model.apply({"params": params}, model_input(images_u8, image_size))
-  if token_weight:  # LV-ViT inference: cls + w * max over tokens of the token logits
-    logits = logits + token_weight * out["token_logits"].max(axis=1)
-  return logits
+@functools.lru_cache(maxsize=16)
+def jit_predict(model, mesh: Mesh, token_weight: float = 0.0, image_size: int | None = None):
+  """predict(params, images_u8) -> the predicted class of each image, int32 [B]; the batch split
+  over 'data', the parameters replicated. Cached, so every pass with the same model and mesh
+  shares one compilation."""
+  def predict(params, images_u8):
+    logits, out = model.apply({"params": params}, model_input(images_u8, image_size))
+    if token_weight:  # LV-ViT inference: cls + w * max over tokens of the token logits
+      logits = logits + token_weight * out["token_logits"].max(axis=1)
+    return jnp.argmax(logits, -1)
+
+  split = NamedSharding(mesh, P("data"))
+  return jax.jit(predict, in_shardings=(NamedSharding(mesh, P()), split), out_shardings=split)
+
+
+def replicated_params(mesh: Mesh, params):
+  """Parameters (numpy, on one device, or global arrays of another stage) replicated on `mesh`."""
+  return sharding.replicate_anywhere(mesh, params)
 
 
 def predicted_labels(model, params, images, batch_size: int, token_weight: float = 0.0,
-                     image_size: int | None = None) -> np.ndarray:
-  """The predicted class of every image, int64 [N]. image_size: the model's input size; images of
-  another size are resized on the device."""
+                     image_size: int | None = None, mesh: Mesh | None = None) -> np.ndarray:
+  """The predicted class of every image, int64 [N], on `mesh` (all devices by default). image_size:
+  the model's input size; images of another size are resized on the device."""
+  mesh = mesh or sharding.data_mesh()
+  sharding.check_divisible(batch_size, "eval.batch_size")
+  predict, split = jit_predict(model, mesh, token_weight, image_size), NamedSharding(mesh, P("data"))
+  params = replicated_params(mesh, params)
   out = np.zeros(len(images), np.int64)
   for start, stop in batches(len(images), batch_size):
-    logits = _predict(model, params, padded(images, start, stop, batch_size), token_weight, image_size)
-    out[start:stop] = np.asarray(logits)[: stop - start].argmax(-1)
+    predictions = predict(params, sharding.put_global(padded(images, start, stop, batch_size), split))
+    out[start:stop] = sharding.to_host(predictions)[: stop - start]
   return out
 
 
@@ -68,8 +91,9 @@ def accuracy_of(predictions, labels) -> float:
 
 
 def accuracy(model, params, images, labels, batch_size: int, token_weight: float = 0.0,
-             image_size: int | None = None) -> float:
-  return accuracy_of(predicted_labels(model, params, images, batch_size, token_weight, image_size), labels)
+             image_size: int | None = None, mesh: Mesh | None = None) -> float:
+  return accuracy_of(predicted_labels(model, params, images, batch_size, token_weight, image_size, mesh),
+                     labels)
 
 
 def write_results_markdown(results: dict, path) -> None:

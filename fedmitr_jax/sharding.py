@@ -96,3 +96,23 @@ def to_local(tree):
   if jax.process_count() == 1:
     return tree
   return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+def replicate_anywhere(mesh: Mesh, tree):
+  """`tree` replicated on `mesh`, wherever its leaves are now: numpy, one local device, or global
+  arrays, replicated or split (stage outputs). Multi-process, a global array is re-laid out by a
+  compiled identity, a collective: every process must call this."""
+  target = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, target)
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x if x.sharding.is_equivalent_to(target, x.ndim) else jax.jit(_identity, out_shardings=target)(x)
+    return put_global(x, target)
+
+  return jax.tree.map(one, tree)
+
+
+def _identity(x):
+  return x

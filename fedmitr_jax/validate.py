@@ -58,6 +58,7 @@ def check_config(config) -> None:
     sharding.check_divisible(config.distill.batch_size, "distill.batch_size")
     if config.clients.mode == "loop":  # 'vmap' always finds a mesh shape (sharding.client_mesh_shape)
       sharding.check_divisible(config.clients.batch_size, "clients.batch_size")
+    sharding.check_divisible(config.eval.batch_size, "eval.batch_size")
   except sharding.ShardingError as e:
     raise InputError(str(e)) from None
   bank = config.inversion.num_batches * config.inversion.batch_size

@@ -135,7 +135,7 @@ BAD_VALUES = [
     ("clients.batch_size", 0, "clients.batch_size: 0 is not allowed; use an int >= 1 (default 64)"),
     ("inversion.batch_size", 0, "inversion.batch_size: 0 is not allowed; use an int >= 1 (default 64)"),
     ("distill.batch_size", -8, "distill.batch_size: -8 is not allowed; use an int >= 1 (default 64)"),
-    ("eval.batch_size", 0, "eval.batch_size: 0 is not allowed; use an int >= 1 (default 500)"),
+    ("eval.batch_size", 0, "eval.batch_size: 0 is not allowed; use an int >= 1 (default 512)"),
     ("inversion.iterations", 0, "inversion.iterations: 0 is not allowed; use an int >= 1 (default 100)"),
     ("inversion.num_batches", 0, "inversion.num_batches: 0 is not allowed; use an int >= 1 (default 2)"),
     ("generator_kd.g_steps", 0, "generator_kd.g_steps: 0 is not allowed; use an int >= 1 (default 30)"),
@@ -184,6 +184,8 @@ BAD_VALUES = [
      "distill.relabel_target: 'tokens' is unknown; did you mean 'token'? use one of ['token', 'image']"),
     ("dataset.kind", "tfd",
      "dataset.kind: 'tfd' is unknown; did you mean 'tfds'? use one of ['cifar10', 'shared_cifar10', 'folder', 'tfds']"),
+    # Split over the 8 devices conftest gives (evaluation is data-parallel).
+    ("eval.batch_size", 500, "eval.batch_size: 500 is not divisible by the 8 devices; set it to a multiple of 8"),
 ]
 
 

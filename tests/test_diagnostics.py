@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from jax.sharding import Mesh
 from scipy.linalg import hadamard
 
-from fedmitr_jax import config_base, diagnostics, evaluate, pipeline
+from fedmitr_jax import config_base, diagnostics, evaluate, pipeline, sharding
 from fedmitr_jax.data import datasets
 from fedmitr_jax.models import vit
 
@@ -55,7 +56,7 @@ def test_token_diagnostics_of_a_model_with_known_token_logits():
   weights = np.array([0.25, 0.75])
   images = np.random.default_rng(0).integers(0, 256, (7, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
   labels = np.array([0, 1, 2, 2, 2, 1, 0], np.int32)
-  diag = diagnostics.teacher_diagnostics(model, client_params, images, labels, batch_size=3,
+  diag = diagnostics.teacher_diagnostics(model, client_params, images, labels, batch_size=8,
                                          weights=weights, num_classes=NUM_CLASSES)
   # By hand: every image gets the same token distributions.
   p_a, p_b = _softmax(tokens_a), _softmax(tokens_b)
@@ -80,8 +81,8 @@ def test_uniform_tokens_give_log_c_entropy():
   zeros = np.zeros((4, NUM_CLASSES), np.float32)
   params = _known_params(model, zeros, np.zeros(NUM_CLASSES, np.float32))
   images = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-  # Two clients and batch 3, the shapes of the test above: its compilation is reused.
-  diag = diagnostics.teacher_diagnostics(model, _stack(params, params), images, np.array([0, 1], np.int32), 3,
+  # Two clients and batch 8, the shapes of the test above: its compilation is reused.
+  diag = diagnostics.teacher_diagnostics(model, _stack(params, params), images, np.array([0, 1], np.int32), 8,
                                          np.array([0.5, 0.5]), NUM_CLASSES)
   assert diag["ensemble"]["token_entropy"] == pytest.approx(np.log(NUM_CLASSES), abs=1e-6)
 
@@ -105,7 +106,7 @@ def test_diagnostics_match_a_direct_computation_on_a_random_model():
   images = rng.integers(0, 256, (23, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
   labels = rng.integers(0, NUM_CLASSES, 23).astype(np.int32)
   weights = np.array([0.7, 0.3])
-  diag = diagnostics.teacher_diagnostics(model, _stack(*clients), images, labels, 3, weights, NUM_CLASSES)
+  diag = diagnostics.teacher_diagnostics(model, _stack(*clients), images, labels, 8, weights, NUM_CLASSES)
 
   cls_probs, token_probs = [], []
   apply = jax.jit(lambda p, x: model.apply({"params": p}, datasets.normalize(x)))
@@ -118,14 +119,41 @@ def test_diagnostics_match_a_direct_computation_on_a_random_model():
     row = diag["clients"][k]
     assert row["token_entropy"] == pytest.approx(_entropy(token_probs[k]), abs=1e-5)
     assert row["token_acc"] == pytest.approx((token_probs[k].argmax(-1) == labels[:, None]).mean())
-    assert row["test_acc"] == evaluate.accuracy(model, params, images, labels, 3)
-    predictions = evaluate.predicted_labels(model, params, images, 3)
+    assert row["test_acc"] == evaluate.accuracy(model, params, images, labels, 8)
+    predictions = evaluate.predicted_labels(model, params, images, 8)
     assert row["per_class"] == diagnostics.per_class_accuracy(predictions, labels, NUM_CLASSES)
   assert diag["ensemble"]["token_entropy"] == pytest.approx(_entropy(ensemble_tokens), abs=1e-5)
   ensemble_hits = ensemble_tokens.argmax(-1) == labels[:, None]
   assert diag["ensemble"]["token_acc"] == pytest.approx(ensemble_hits.mean())
   ensemble_predictions = sum(w * p for w, p in zip(weights, cls_probs)).argmax(-1)
   assert diag["ensemble"]["test_acc"] == pytest.approx((ensemble_predictions == labels).mean())
+
+
+
+@pytest.mark.slow
+def test_evaluation_split_over_8_devices_equals_one_device():
+  """Test batches split over the 8-device mesh (the last one padded) give the predictions,
+  accuracies and token diagnostics of the same passes on a one-device mesh."""
+  assert jax.device_count() == 8
+  model = vit.build_vit("test/8", NUM_CLASSES, image_size=IMAGE_SIZE)
+  init = jax.jit(lambda key: vit.init_params(model, key, IMAGE_SIZE))
+  rng = np.random.default_rng(2)
+  clients = [dict(p, head=dict(p["head"], kernel=rng.normal(0, 1.0, p["head"]["kernel"].shape).astype(np.float32)))
+             for p in (init(jax.random.key(s)) for s in range(2))]
+  images = rng.integers(0, 256, (20, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # 8 + 8 + 4 (padded)
+  labels = rng.integers(0, NUM_CLASSES, 20).astype(np.int32)
+  one_device = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  runs = [(evaluate.predicted_labels(model, clients[0], images, 8, mesh=mesh),
+           diagnostics.teacher_diagnostics(model, _stack(*clients), images, labels, 8, [0.6, 0.4], NUM_CLASSES,
+                                           mesh=mesh)) for mesh in (sharding.data_mesh(), one_device)]
+  (split_predictions, split_diag), (one_predictions, one_diag) = runs
+  np.testing.assert_array_equal(split_predictions, one_predictions)
+  assert len(set(split_predictions)) > 1  # a model that says one class everywhere would prove little
+  for a, b in zip(split_diag["clients"] + [split_diag["ensemble"]], one_diag["clients"] + [one_diag["ensemble"]]):
+    assert a["test_acc"] == b["test_acc"] and a["per_class"] == b["per_class"]
+    np.testing.assert_allclose([a["token_entropy"], a["token_acc"]], [b["token_entropy"], b["token_acc"]],
+                               rtol=1e-6)
+  assert split_diag["clients"][0]["test_acc"] == evaluate.accuracy_of(split_predictions, labels)
 
 
 def test_per_class_accuracy_against_a_hand_count():

@@ -301,11 +301,11 @@ def _small_and_resized_images_and_model():
 def test_evaluation_resizes_small_images_on_device():
   """8-px images for a 16-px model score as the same images resized beforehand: the resize is inside."""
   small, big, labels, model, params = _small_and_resized_images_and_model()
-  assert evaluate.accuracy(model, params, small, labels, 4, image_size=16) == \
-      evaluate.accuracy(model, params, big, labels, 4)
+  assert evaluate.accuracy(model, params, small, labels, 8, image_size=16) == \
+      evaluate.accuracy(model, params, big, labels, 8)
   stacked = jax.tree.map(lambda p: np.stack([p, -p]), params)
-  inside = diagnostics.teacher_diagnostics(model, stacked, small, labels, 4, [0.5, 0.5], 4, image_size=16)
-  before = diagnostics.teacher_diagnostics(model, stacked, big, labels, 4, [0.5, 0.5], 4)
+  inside = diagnostics.teacher_diagnostics(model, stacked, small, labels, 8, [0.5, 0.5], 4, image_size=16)
+  before = diagnostics.teacher_diagnostics(model, stacked, big, labels, 8, [0.5, 0.5], 4)
   for a, b in zip(inside["clients"] + [inside["ensemble"]], before["clients"] + [before["ensemble"]]):
     assert a["test_acc"] == b["test_acc"] and a["per_class"] == b["per_class"]
     np.testing.assert_allclose([a["token_entropy"], a["token_acc"]], [b["token_entropy"], b["token_acc"]],

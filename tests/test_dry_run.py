@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fedmitr_jax import dry_run, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARDED = ("clients", "inversion_", "distill_")  # the stages on every device; the others run on one
+SHARDED = ("clients", "inversion_", "distill_", "generator_kd/", "evaluate/")  # every stage, on every device
 
 
 def test_flops_are_the_whole_step_however_it_is_split():

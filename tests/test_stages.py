@@ -86,12 +86,12 @@ def test_evaluation_of_clients_ensemble_and_fedavg():
   logits = [np.asarray(forward(jax.tree.map(lambda p: p[k], stacked))) for k in range(2)]
   weights = np.array([0.25, 0.75], np.float32)
   ensemble_labels = (weights[:, None, None] * np.stack([jax.nn.softmax(x) for x in logits])).sum(0).argmax(-1)
-  teachers = diagnostics.teacher_diagnostics(model, stacked, images, ensemble_labels, 4, weights, num_classes=4)
+  teachers = diagnostics.teacher_diagnostics(model, stacked, images, ensemble_labels, 8, weights, num_classes=4)
   assert teachers["ensemble"]["test_acc"] == 1.0
   assert [row["test_acc"] for row in teachers["clients"]] == \
       [float((x.argmax(-1) == ensemble_labels).mean()) for x in logits]
   first = jax.tree.map(lambda p: p[0], stacked)
-  assert evaluate.accuracy(model, first, images, logits[0].argmax(-1), 4) == 1.0
+  assert evaluate.accuracy(model, first, images, logits[0].argmax(-1), 8) == 1.0
   np.testing.assert_allclose(evaluate.client_weights([10, 30], "data_size"), [0.25, 0.75])
   np.testing.assert_allclose(evaluate.client_weights([10, 30], "uniform"), [0.5, 0.5])
   averaged = evaluate.fedavg_params(stacked, weights)

@@ -20,6 +20,15 @@ inversion). Budgets are tied to the relabel methods': the pool holds as many ima
 synthetic bank (rounds = inversion.num_batches of inversion.batch_size) and the student takes as
 many steps (distill.epochs over the bank), spread evenly over the rounds, with distill's
 optimiser. State is saved after every round, so a killed run resumes at the next round.
+
+Data-parallel on the 'data' mesh (sharding.py), like distillation: the generator's batch (z, its
+labels, the round's best images and z's Adam moments) is split over the devices and everything
+else (generator, student and client parameters, ensemble weights) is replicated. Its BatchNorm
+then normalises over the global batch (XLA all-reduces the statistics), the same math as on one
+device. The pool lives on the devices, replicated (like distillation's bank: every device gathers
+its own share of a KD batch locally, with no cross-device traffic; split, each random batch would
+need an all-to-all). A round's KD steps run as one compiled loop that receives only their pool
+rows, and the Co-Boosting re-weighting pass reads the pool on the device too.
 """
 import functools
 
@@ -29,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedmitr_jax import checkpoints, guards
+from fedmitr_jax import checkpoints, guards, sharding
 from fedmitr_jax.data import augment
 from fedmitr_jax.progress import log, Progress
 from fedmitr_jax.server import distill, ensemble, inversion
@@ -94,7 +104,11 @@ def generator_loss(method, cfg, teacher_logits, student_logits, labels):
   return jnp.mean(hard * ce) + cfg.adv * adv
 
 
-def make_generator_step(method, cfg, generator, teacher, student, mode, rule=ensemble.MEAN):
+def make_generator_step(method, cfg, generator, teacher, student, mode, batch: int, mesh: Mesh,
+                        rule=ensemble.MEAN):
+  """(init, step), both jitted on `mesh`: init(rng) -> a fresh GenState of `batch` examples;
+  step(state, labels, client_params, weights, student_params, rng) -> (state, loss). The
+  per-example parts of the state and the labels are split over 'data', the rest replicated."""
   tx = optax.chain(optax.clip_by_global_norm(cfg.g_grad_clip), optax.adam(cfg.lr_g, b1=0.5, b2=0.999))
 
   def loss_fn(gen_and_z, labels, client_params, weights, student_params, rng):
@@ -115,7 +129,7 @@ def make_generator_step(method, cfg, generator, teacher, student, mode, rule=ens
                     best_images=jnp.where(better, images, state.best_images),
                     best_loss=jnp.where(better, loss, state.best_loss)), loss
 
-  def init(rng, batch):
+  def init(rng):
     z_rng, g_rng = jax.random.split(rng)
     z = jax.random.normal(z_rng, (batch, cfg.z_dim))
     params = generator.init(g_rng, z)["params"]
@@ -123,7 +137,23 @@ def make_generator_step(method, cfg, generator, teacher, student, mode, rule=ens
     return GenState(params=params, z=z, opt_state=tx.init((params, z)), best_images=images,
                     best_loss=jnp.array(jnp.inf))
 
-  return init, jax.jit(step, donate_argnums=0)
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state_sharding = gen_state_sharding(tx, jax.eval_shape(init, jax.random.key(0)), mesh)
+  return (jax.jit(init, out_shardings=state_sharding),
+          jax.jit(step, in_shardings=(state_sharding, split) + (replicated,) * 4,
+                  out_shardings=(state_sharding, replicated), donate_argnums=0))
+
+
+def gen_state_sharding(tx, state: GenState, mesh: Mesh) -> GenState:
+  """Where each leaf of a GenState lives: z, best_images and z's optimiser moments split over
+  'data' (one row per example); the generator's parameters, their moments and the scalars
+  replicated. optax.tree_map_params finds the copies of (params, z) inside the optimiser state."""
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  per_param = (jax.tree.map(lambda _: replicated, state.params), split)
+  opt_state = optax.tree_map_params(tx, lambda _, where: where, state.opt_state, per_param,
+                                    transform_non_params=lambda _: replicated)
+  return GenState(params=per_param[0], z=split, opt_state=opt_state, best_images=split,
+                  best_loss=replicated)
 
 
 def ods_perturb(teacher, client_params, weights, images, rng, *, eps, tau, mode, rule=ensemble.MEAN):
@@ -136,6 +166,7 @@ def ods_perturb(teacher, client_params, weights, images, rng, *, eps, tau, mode,
 
 
 def make_kd_step(method, cfg, tx, teacher, student, mode, rule=ensemble.MEAN):
+  """step(state, images, client_params, weights, rng) -> (state, loss); pure, not jitted."""
   tau = cfg.dense_tau if method == "dense" else cfg.coboost_tau
 
   def loss_fn(student_params, images, client_params, weights, rng):
@@ -154,21 +185,62 @@ def make_kd_step(method, cfg, tx, teacher, student, mode, rule=ensemble.MEAN):
     return distill.StudentState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                                 step=state.step + 1), loss
 
-  return jax.jit(step, donate_argnums=0)
+  return step
 
 
-def make_reweight(cfg, teacher, mode, batch_size, rule=ensemble.MEAN):
-  """Co-Boosting's ensemble re-weighting: one signed-gradient step of the pool's CE in w."""
+def jit_sharded_kd_step(step, mesh: Mesh):
+  """One KD step under jit with its images split over 'data' (what the dry run measures)."""
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(step, in_shardings=(replicated, split) + (replicated,) * 3,
+                 out_shardings=(replicated, replicated), donate_argnums=0)
 
-  @jax.jit
-  def grad_on_batch(weights, images, labels, client_params):
-    ce = lambda w: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-        ensemble_logits(teacher, client_params, w, images, mode, rule), labels))
-    return jax.grad(ce)(weights)
 
-  def reweight(weights, initial, images, labels, client_params, round_index):
-    grad = sum(grad_on_batch(weights, images[i:i + batch_size], labels[i:i + batch_size], client_params)
-               for i in range(0, len(labels), batch_size))
+def jit_kd_round(step, mesh: Mesh):
+  """kd_round(state, pool, idx, client_params, weights, rng, round_number, first_bad) ->
+  (state, last loss, first_bad): one round's KD steps in one lax.fori_loop. Step k trains on
+  pool[idx[k]] (gathered on the device, then split over 'data') with fold_in(rng, 100_000 + k);
+  `first_bad` (guards.first_bad_step) records `round_number` if a loss was not finite. The pool
+  and state are replicated, idx [steps, batch] split along the batch."""
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+  def kd_round(state, pool, idx, client_params, weights, rng, round_number, first_bad):
+    def body(k, carry):
+      state, _, first_bad = carry
+      images = jax.lax.with_sharding_constraint(jnp.take(pool, idx[k], axis=0), split)
+      state, loss = step(state, images, client_params, weights, jax.random.fold_in(rng, 100_000 + k))
+      return state, loss, guards.first_bad_step(first_bad, round_number, loss)
+
+    images = jax.ShapeDtypeStruct((idx.shape[1],) + pool.shape[1:], pool.dtype)
+    loss = jax.eval_shape(step, state, images, client_params, weights, rng)[1]
+    return jax.lax.fori_loop(0, idx.shape[0], body, (state, jnp.zeros(loss.shape, loss.dtype), first_bad))
+
+  return jax.jit(kd_round, in_shardings=(replicated, replicated, NamedSharding(mesh, P(None, "data")))
+                 + (replicated,) * 5, out_shardings=replicated, donate_argnums=0)
+
+
+def make_reweight(cfg, teacher, mode, batch_size: int, mesh: Mesh, rule=ensemble.MEAN):
+  """Co-Boosting's ensemble re-weighting: one signed-gradient step of the pool's CE in w.
+  reweight(weights, initial, pool_images, pool_labels, filled, client_params, round_index): the
+  gradient is summed over the first `filled` pool rows in batches of `batch_size` (split over
+  'data'; the last batch's rows past `filled` are masked out), in one compiled loop."""
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+  def pool_grad(weights, images, labels, filled, client_params):
+    def batch_grad(i, total):
+      rows = i * batch_size + jnp.arange(batch_size)
+      real = rows < filled
+      rows = jax.lax.with_sharding_constraint(jnp.where(real, rows, 0), split)
+      x, y = jnp.take(images, rows, axis=0), jnp.take(labels, rows, axis=0)
+      ce = lambda w: jnp.sum(real * optax.softmax_cross_entropy_with_integer_labels(
+          ensemble_logits(teacher, client_params, w, x, mode, rule), y))
+      return total + jax.grad(ce)(weights)
+
+    return jax.lax.fori_loop(0, (filled + batch_size - 1) // batch_size, batch_grad, jnp.zeros_like(weights))
+
+  pool_grad = jax.jit(pool_grad, in_shardings=(replicated,) * 5, out_shardings=replicated)
+
+  def reweight(weights, initial, pool_images, pool_labels, filled, client_params, round_index):
+    grad = pool_grad(weights, pool_images, pool_labels, filled, client_params)
     w = weights - cfg.reweight_lr * cfg.reweight_decay ** round_index * jnp.sign(grad)
     return jnp.clip(initial + jnp.clip(w - initial, -1.0, 1.0), 0.0, 1.0)
 
@@ -181,63 +253,88 @@ def pool_batch(filled: int, batch: int, seed: int, round_index: int, step: int) 
   return order[(step * batch + np.arange(batch)) % filled]
 
 
+def round_indices(filled: int, batch: int, seed: int, round_index: int, steps: int) -> np.ndarray:
+  """[steps, batch] pool rows of one round's KD steps (pool_batch of each)."""
+  return np.stack([pool_batch(filled, batch, seed, round_index, k) for k in range(steps)]).astype(np.int32)
+
+
+def add_to_pool(pool_images, pool_labels, images, labels, start):
+  """The pool with a round's `images` / `labels` written at rows start.. (jitted in `train`)."""
+  return (jax.lax.dynamic_update_slice_in_dim(pool_images, images.astype(pool_images.dtype), start, 0),
+          jax.lax.dynamic_update_slice_in_dim(pool_labels, labels.astype(pool_labels.dtype), start, 0))
+
+
 def train(method, config, teacher, student, client_params, weights, init_params, *, stage, manager,
-          rule=ensemble.MEAN):
-  """Runs the method; returns (student params, facts). Resumes from `manager`'s last round.
-  `rule` combines the teachers' logits (ensemble.combine)."""
+          rule=ensemble.MEAN, mesh: Mesh | None = None):
+  """Runs the method on `mesh` (all devices by default); returns (student params, replicated on
+  the mesh, and facts). Resumes from `manager`'s last round. `rule` combines the teachers'
+  logits (ensemble.combine)."""
   cfg, inv, dcfg = config.generator_kd, config.inversion, config.distill
   rounds, batch, num_classes = inv.num_batches, inv.batch_size, student.num_classes
+  mesh = mesh or sharding.data_mesh()
+  sharding.check_divisible(batch, "inversion.batch_size")  # the generator's batch
+  sharding.check_divisible(dcfg.batch_size, "distill.batch_size")  # the KD batch
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   image_size = config.dataset.image_size
   total_kd = distill.plan_steps(rounds * batch, dcfg.batch_size, dcfg.epochs)
   kd_per_round = -(-total_kd // rounds)
   tx = distill.make_optimizer(dcfg, kd_per_round * rounds)
   generator = Generator(image_size, cfg.ngf)
   mode = inv.teachers_mode
-  gen_init, gen_step = make_generator_step(method, cfg, generator, teacher, student, mode, rule)
-  kd_step = make_kd_step(method, cfg, tx, teacher, student, mode, rule)
-  reweight = make_reweight(cfg, teacher, mode, dcfg.batch_size, rule)
-  initial_w = jnp.asarray(weights, jnp.float32)
+  gen_init, gen_step = make_generator_step(method, cfg, generator, teacher, student, mode, batch, mesh, rule)
+  kd_round = jit_kd_round(make_kd_step(method, cfg, tx, teacher, student, mode, rule), mesh)
+  reweight = make_reweight(cfg, teacher, mode, dcfg.batch_size, mesh, rule)
+  client_params = sharding.replicate_anywhere(mesh, client_params)
+  initial_w = sharding.replicate(mesh, np.asarray(weights, np.float32))
+  empty_pool = jax.jit(lambda: (jnp.zeros((rounds * batch, image_size, image_size, 3), jnp.float32),
+                                jnp.zeros((rounds * batch,), jnp.int32)), out_shardings=replicated)
+  add = jax.jit(add_to_pool, in_shardings=(replicated, replicated, split, split, replicated),
+                out_shardings=replicated, donate_argnums=(0, 1))
+  images, labels = empty_pool()
   state = {
-      "student": distill.StudentState(params=init_params, opt_state=tx.init(init_params),
-                                      step=jnp.zeros((), jnp.int32)),
+      "student": sharding.replicate_anywhere(mesh, distill.StudentState(
+          params=init_params, opt_state=tx.init(init_params), step=jnp.zeros((), jnp.int32))),
       "weights": initial_w,
-      "images": np.zeros((rounds * batch, image_size, image_size, 3), np.float32),
-      "labels": np.zeros((rounds * batch,), np.int32),
+      "images": images,  # the pool, on the devices
+      "labels": labels,
       "rounds_done": np.zeros((), np.int32),
   }
   _, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(state))
   if saved is not None:
-    state = dict(saved, images=np.asarray(saved["images"]), labels=np.asarray(saved["labels"]))
+    state = saved
     log(f"[{stage}] resuming after {int(state['rounds_done'])}/{rounds} rounds")
-  student_state, w = jax.tree.map(jnp.copy, state["student"]), state["weights"]
+  # Copies: the KD loop donates its state, and the caller's initial parameters must stay valid.
+  student_state = jax.tree.map(jnp.copy, state["student"])
+  w, pool_images, pool_labels = state["weights"], state["images"], state["labels"]
   rng = jax.random.fold_in(jax.random.key(config.seed), 6)  # stream 6: generator baselines
   progress = Progress(stage, rounds, batch, unit="img synthesised", start_step=int(state["rounds_done"]))
   guard = guards.FiniteGuard(stage, "generator_kd.lr_g or distill.lr")
+  guard.first_bad = sharding.replicate(mesh, guard.first_bad)
   for r in range(int(state["rounds_done"]), rounds):
     round_rng = jax.random.fold_in(rng, r)
-    labels = inversion.balanced_labels(config.seed * 100_003 + r, batch, num_classes)
-    gen = gen_init(jax.random.fold_in(round_rng, 0), batch)  # DENSE re-initialises G every round
+    round_labels = sharding.put_global(inversion.balanced_labels(config.seed * 100_003 + r, batch, num_classes),
+                                       split)
+    gen = gen_init(jax.random.fold_in(round_rng, 0))  # DENSE re-initialises G every round
     for g in range(cfg.g_steps):
-      gen, g_loss = gen_step(gen, labels, client_params, w, student_state.params,
+      gen, g_loss = gen_step(gen, round_labels, client_params, w, student_state.params,
                              jax.random.fold_in(round_rng, 1 + g))
       guard.update(r + 1, g_loss)
-    rows = slice(r * batch, (r + 1) * batch)
-    state["images"][rows], state["labels"][rows] = np.asarray(gen.best_images), labels
+    pool_images, pool_labels = add(pool_images, pool_labels, gen.best_images, round_labels, r * batch)
     filled = (r + 1) * batch
     if method == "coboosting" and r > 0:
-      w = reweight(w, initial_w, state["images"][:filled], state["labels"][:filled], client_params, r)
-    for k in range(kd_per_round):
-      idx = pool_batch(filled, dcfg.batch_size, config.seed, r, k)
-      student_state, kd_loss = kd_step(student_state, jnp.asarray(state["images"][idx]), client_params,
-                                       w, jax.random.fold_in(round_rng, 100_000 + k))
-      guard.update(r + 1, kd_loss)
+      w = reweight(w, initial_w, pool_images, pool_labels, filled, client_params, r)
+    idx = round_indices(filled, dcfg.batch_size, config.seed, r, kd_per_round)
+    student_state, kd_loss, guard.first_bad = kd_round(
+        student_state, pool_images, sharding.put_global(idx, NamedSharding(mesh, P(None, "data"))),
+        client_params, w, round_rng, r + 1, guard.first_bad)
     guard.check(manager.latest_step())  # steps are counted in rounds here
-    state.update(student=student_state, weights=w, rounds_done=np.int32(r + 1))
+    state.update(student=student_state, weights=w, images=pool_images, labels=pool_labels,
+                 rounds_done=np.int32(r + 1))
     manager.save(r + 1, args=checkpoints.standard_save(state))
     progress.step_done()
     progress.report(r + 1, g_loss=gen.best_loss, kd=kd_loss, **(
         {"w_min": jnp.min(w), "w_max": jnp.max(w)} if method == "coboosting" else {}))
   manager.wait_until_finished()
-  return student_state.params, {"seconds": progress.elapsed(), "rounds": rounds,
+  return student_state.params, {"seconds": progress.elapsed(), "rounds": rounds, "devices": mesh.size,
                                 "g_steps": cfg.g_steps, "kd_steps": kd_per_round * rounds,
-                                "ensemble_weights": np.asarray(w).tolist()}
+                                "ensemble_weights": sharding.to_host(w).tolist()}
