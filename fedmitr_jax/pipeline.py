@@ -209,6 +209,9 @@ def run_stages(config, dataset, workdir) -> dict:
   results = {"methods": methods, "clients": client_rows, "inversion": bank_facts,
              "client_training": store.load_facts("clients"),
              "diagnostics": diagnostics.summary(teachers, per_class, dataset.class_names),
+             # Every test pass (clients, ensemble, FedAvg, students) splits its batches over the
+             # data mesh of all devices (evaluate.py, diagnostics.py).
+             "evaluation": {"devices": jax.device_count(), "batch_size": config.eval.batch_size},
              "attack": attack_facts, "screening": screening_facts,
              "ensemble_rule": {"rule": rule.name, "trim_fraction": rule.trim_fraction,
                                "members": members, "weights": np.asarray(weights).tolist()},
