@@ -22,6 +22,7 @@ CHOICES = {
     "clients.optimizer": ("adamw", "sgd"),
     "inversion.teachers_mode": ("loop", "vmap"),
     "inversion.dense_mask": ("attention", "all"),
+    "inversion.bank_dtype": ("float32", "bfloat16"),
     "distill.relabel_target": ("token", "image"),
     "distill.init": ("clients_fedavg", "random"),
     "eval.ensemble_weighting": ("uniform", "data_size"),
@@ -116,6 +117,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Dense inversion has no stops; 'attention' ranks its final images the same way to get the
   # foreground mask token relabel needs (dense_relabel), 'all' marks every patch foreground.
   c.inversion.dense_mask = "attention"
+  # How the bank stores its images and soft targets (teacher logits, per-token probabilities), on
+  # disk and replicated on every device while the students distil: 'float32' | 'bfloat16' (half
+  # the bytes, for paper-scale banks; values rounded to 8 significant bits, and the distillation
+  # step computes in float32 from them). Inversion itself always runs in float32.
+  c.inversion.bank_dtype = "float32"
   c.inversion.log_every = 25
 
   # ---- token-relabel distillation (server) -----------------------------------------------

@@ -9,8 +9,10 @@ image-level soft label. beta = 0 gives plain KD on the CLS head (dense_kd / spar
 The student has an LV-ViT-style separate token head. The batch is split over a 'data' mesh axis
 and parameters are replicated; XLA inserts the gradient all-reduce.
 
-The bank lives on the devices for the whole stage (replicated, float32: the arrays the synthesis
-saved, so the batches are bit-for-bit the host-gathered ones). The steps up to the next log or
+The bank lives on the devices for the whole stage (replicated, in the dtype the synthesis saved it
+in, `inversion.bank_dtype`: float32, or bfloat16 at half the bytes; the step casts its batch to
+float32, so a bfloat16 bank changes the stored values only, and the batches are bit-for-bit the
+host-gathered ones either way). The steps up to the next log or
 save point run as one compiled loop that receives only their example indices and gathers each
 batch on the device (one dispatch per chunk instead of a host gather and transfer per step).
 """
@@ -73,11 +75,20 @@ def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target, 
   return loss, terms
 
 
+def as_float32(batch: dict) -> dict:
+  """The batch's real-valued arrays in float32 (a bfloat16 bank's images and soft targets: the
+  loss is computed in float32); float32 and integer/bool arrays pass unchanged."""
+  narrow = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32
+  return {k: v.astype(jnp.float32) if narrow(v) else v for k, v in batch.items()}
+
+
 def make_distill_step(model, tx, cfg, rule=ensemble.MEAN, teacher_weights=None):
-  """step(state, batch, rng) -> (state, metrics); pure, one compilation for all steps."""
+  """step(state, batch, rng) -> (state, metrics); pure, one compilation for all steps. The batch
+  may hold a bfloat16 bank's rows: they are cast to float32 first (as_float32)."""
   patch = model.patch_size
 
   def loss_fn(params, batch, rng):
+    batch = as_float32(batch)
     images = batch["images"]
     if cfg.zero_background:  # SMI-style: the student sees only the inverted foreground
       images = images * patches.patch_pixel_mask(batch["masks"], images.shape[1], patch)
