@@ -224,6 +224,11 @@ def paper_scale(args, *, client_epochs: float) -> ml_collections.ConfigDict:
   c.model.pretrained_input_norm = args.norm
   c.methods = ALL_METHODS             # the paper's table, with DENSE and Co-Boosting
   c.generator_kd.crop_padding = 28     # the baselines' RandomCrop(pad 4) at 32 px, scaled to 224
+  # Accelerator numerics: bfloat16 matmuls in every ViT (parameters, softmax, logits and losses stay
+  # float32) and a bfloat16 bank, half the bytes each device holds while the students distil
+  # (docs/launching.md has both dtypes' figures). On a CPU, bfloat16 is slower: override both.
+  c.model.dtype = "bfloat16"
+  c.inversion.bank_dtype = "bfloat16"
 
   # Clients fine-tune the pretrained ViT as DENSE / Co-Boosting train theirs (SGD lr 0.01, momentum
   # 0.9, no weight decay) with vit_jax's fine-tuning clip (1.0) and a cosine schedule; epochs per
