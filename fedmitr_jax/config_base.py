@@ -120,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   # How the bank stores its images and soft targets (teacher logits, per-token probabilities), on
   # disk and replicated on every device while the students distil: 'float32' | 'bfloat16' (half
   # the bytes, for paper-scale banks; values rounded to 8 significant bits, and the distillation
-  # step computes in float32 from them). Inversion itself always runs in float32.
+  # step computes in float32 from them). The inversion's pixels are float32 either way; each
+  # finished batch is rounded once, before it is saved.
   c.inversion.bank_dtype = "float32"
   c.inversion.log_every = 25
 

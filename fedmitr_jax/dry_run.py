@@ -186,7 +186,8 @@ def distill_stages(s: Setup) -> list[dict]:
   bounds are traced), so the FLOPs are one step's, and the memory holds the bank."""
   inv = s.config.inversion
   shapes = synthetic_bank.bank_shapes(inv, s.num_patches, s.num_classes, s.num_clients, s.image_size)
-  bank = s.replicate({key: s.array(shape, distill.held_dtype(dtype)) for key, (shape, dtype) in shapes.items()})
+  bank = s.replicate({key: s.array(shape, distill.held_dtype(dtype))  # as train_student places it
+                      for key, (shape, dtype) in shapes.items()})
   lines = []
   for name, relabel in (("distill_kd", False), ("distill_relabel", True)):
     methods = [m for m in s.config.methods if m in data_free.DATA_FREE and data_free.DATA_FREE[m][1] == relabel]

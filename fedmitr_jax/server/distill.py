@@ -12,9 +12,9 @@ and parameters are replicated; XLA inserts the gradient all-reduce.
 The bank lives on the devices for the whole stage (replicated, in the dtype the synthesis saved it
 in, `inversion.bank_dtype`: float32, or bfloat16 at half the bytes; the step casts its batch to
 float32, so a bfloat16 bank changes the stored values only, and the batches are bit-for-bit the
-host-gathered ones either way). The steps up to the next log or
-save point run as one compiled loop that receives only their example indices and gathers each
-batch on the device (one dispatch per chunk instead of a host gather and transfer per step).
+host-gathered ones either way). The steps up to the next log or save point run as one compiled
+loop that receives only their example indices and gathers each batch on the device (one dispatch
+per chunk instead of a host gather and transfer per step).
 """
 import functools
 
