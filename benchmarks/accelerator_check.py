@@ -7,10 +7,11 @@ r"""Per-stage speed of a real run against the dry run's FLOPs: steps/s, TFLOP/s 
 launch/accelerator_check.sh runs it. Given a command, it runs it, passes its output through as it
 comes and stamps every line with the time it arrived (RUN.log: '<seconds>\t<line>'); then, or from
 a saved RUN.log, it measures each stage from its progress reports ('[stage] step N/T ...'): the
-steps between its first and its last report over the seconds between them, so the compilation
-before a stage's first report is not counted. A stage run in parts (inversion batches, looped
-clients) leaves its first part out when it has others: that part compiles the steps (inversion:
-one per token count) the later parts reuse. One row per stage:
+steps between two of its reports over the seconds between them, summed, so the compilation before
+a stage's first report is not counted. A stage run in parts (inversion batches, looped clients)
+leaves its first part out when it has others: that part compiles the steps (inversion: one per
+token count) the later parts reuse. A stage in one part leaves out its first interval too when it
+has others (Co-Boosting's re-weighting first runs, and compiles, in round 2). One row per stage:
 
   stage  devices  steps  steps/s  TFLOP/step  TFLOP/s  MFU
 
@@ -95,13 +96,16 @@ def table(reports: dict, dry: dict, config: dict, chip) -> list[dict]:
     groups.setdefault(stage.partition(" ")[0], []).append(stage)
   rows = []
   for group, parts in groups.items():
-    parts = parts[1:] if len(parts) > 1 else parts
+    if len(parts) > 1:
+      intervals = [i for part in parts[1:] for i in zip(reports[part][:-1], reports[part][1:])]
+    else:  # its second interval may still compile (Co-Boosting's first re-weighting is in round 2)
+      intervals = list(zip(reports[parts[0]][:-1], reports[parts[0]][1:]))
+      intervals = intervals[1:] if len(intervals) > 1 else intervals
     steps = seconds = tflop = 0.0
     devices = 1
-    for part in parts:
-      for (t0, s0, _), (t1, s1, tokens) in zip(reports[part][:-1], reports[part][1:]):
-        per_step, devices = step_tflop(group, tokens, dry, config)
-        steps, seconds, tflop = steps + (s1 - s0), seconds + (t1 - t0), tflop + per_step * (s1 - s0)
+    for (t0, s0, _), (t1, s1, tokens) in intervals:
+      per_step, devices = step_tflop(group, tokens, dry, config)
+      steps, seconds, tflop = steps + (s1 - s0), seconds + (t1 - t0), tflop + per_step * (s1 - s0)
     if not steps or seconds <= 0:
       rows.append({"stage": group, "devices": devices, "steps": 0, "steps_per_s": None,
                    "tflop_per_step": None, "tflop_per_s": None, "mfu": None,
