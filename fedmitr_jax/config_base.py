@@ -22,6 +22,7 @@ CHOICES = {
     "clients.optimizer": ("adamw", "sgd"),
     "inversion.teachers_mode": ("loop", "vmap"),
     "inversion.dense_mask": ("attention", "all"),
+    "inversion.bank_dtype": ("float32", "bfloat16"),
     "distill.relabel_target": ("token", "image"),
     "distill.init": ("clients_fedavg", "random"),
     "eval.ensemble_weighting": ("uniform", "data_size"),
@@ -116,6 +117,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Dense inversion has no stops; 'attention' ranks its final images the same way to get the
   # foreground mask token relabel needs (dense_relabel), 'all' marks every patch foreground.
   c.inversion.dense_mask = "attention"
+  # How the bank stores its images and soft targets (teacher logits, per-token probabilities), on
+  # disk and replicated on every device while the students distil: 'float32' | 'bfloat16' (half
+  # the bytes, for paper-scale banks; values rounded to 8 significant bits, and the distillation
+  # step computes in float32 from them). The inversion's pixels are float32 either way; each
+  # finished batch is rounded once, before it is saved.
+  c.inversion.bank_dtype = "float32"
   c.inversion.log_every = 25
 
   # ---- token-relabel distillation (server) -----------------------------------------------
@@ -218,6 +225,11 @@ def paper_scale(args, *, client_epochs: float) -> ml_collections.ConfigDict:
   c.model.pretrained_input_norm = args.norm
   c.methods = ALL_METHODS             # the paper's table, with DENSE and Co-Boosting
   c.generator_kd.crop_padding = 28     # the baselines' RandomCrop(pad 4) at 32 px, scaled to 224
+  # Accelerator numerics: bfloat16 matmuls in every ViT (parameters, softmax, logits and losses stay
+  # float32) and a bfloat16 bank, half the bytes each device holds while the students distil
+  # (docs/launching.md has both dtypes' figures). On a CPU, bfloat16 is slower: override both.
+  c.model.dtype = "bfloat16"
+  c.inversion.bank_dtype = "bfloat16"
 
   # Clients fine-tune the pretrained ViT as DENSE / Co-Boosting train theirs (SGD lr 0.01, momentum
   # 0.9, no weight decay) with vit_jax's fine-tuning clip (1.0) and a cosine schedule; epochs per

@@ -32,7 +32,7 @@ from fedmitr_jax import sharding, validate
 from fedmitr_jax.client import training
 from fedmitr_jax.data import datasets
 from fedmitr_jax.models import vit
-from fedmitr_jax.server import data_free, distill, generator_kd, inversion
+from fedmitr_jax.server import data_free, distill, generator_kd, inversion, synthetic_bank
 
 # Peak dense bf16 TFLOP/s of one chip (vendor figures; H100/H200: SXM, without sparsity).
 PEAK_BF16_TFLOPS = {"v5e": 197.0, "v6e": 918.0, "h100": 989.0, "h200": 989.0}
@@ -190,9 +190,15 @@ def inversion_stages(s: Setup) -> list[dict]:
 
 
 def distill_stages(s: Setup) -> list[dict]:
-  """The data-parallel distillation step: CLS-only KD (dense_kd, sparse_kd) and token relabel
-  (dense_relabel, fedmitr); steps summed over the methods that take them."""
-  bank = s.config.inversion.num_batches * s.config.inversion.batch_size
+  """The data-parallel distillation loop as the run compiles it (distill.jit_bank_loop): the whole
+  bank replicated on every device in `inversion.bank_dtype`, the batch gathered from it on the
+  device, split over 'data'. CLS-only KD (dense_kd, sparse_kd) and token relabel (dense_relabel,
+  fedmitr); steps summed over the methods that take them. XLA counts the loop's body once (its
+  bounds are traced), so the FLOPs are one step's, and the memory holds the bank."""
+  inv = s.config.inversion
+  shapes = synthetic_bank.bank_shapes(inv, s.num_patches, s.num_classes, s.num_clients, s.image_size)
+  bank = s.replicate({key: s.array(shape, distill.held_dtype(dtype))  # as train_student places it
+                      for key, (shape, dtype) in shapes.items()})
   lines = []
   for name, relabel in (("distill_kd", False), ("distill_relabel", True)):
     methods = [m for m in s.config.methods if m in data_free.DATA_FREE and data_free.DATA_FREE[m][1] == relabel]
@@ -201,18 +207,17 @@ def distill_stages(s: Setup) -> list[dict]:
     cfg = s.config.distill.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.beta = s.config.distill.beta if relabel else 0.0
-    total = distill.plan_steps(bank, cfg.batch_size, cfg.epochs)
+    total = distill.plan_steps(inv.num_batches * inv.batch_size, cfg.batch_size, cfg.epochs)
     tx = distill.make_optimizer(cfg, total)
     state = jax.eval_shape(lambda p: distill.StudentState(params=p, opt_state=tx.init(p),
                                                           step=jnp.zeros((), jnp.int32)), s.student_params)
-    b, n, c = cfg.batch_size, s.num_patches, s.num_classes
-    batch = {"images": s.array((b, s.image_size, s.image_size, 3), jnp.float32),
-             "labels": s.array((b,), jnp.int32), "masks": s.array((b, n), jnp.bool_),
-             "teacher_logits": s.array((b, s.num_clients, c), jnp.float32),
-             "token_probs": s.array((b, n, c), jnp.float32)}
-    step = distill.jit_sharded_step(distill.make_distill_step(s.student, tx, cfg), s.mesh)
-    lines.append(measure(name, step, (s.replicate(state), s.sharded(batch), s.replicate(s.key)),
-                         steps=total * len(methods), devices=s.devices))
+    longest = min(cfg.log_every, cfg.checkpoint_every_steps, total)  # train_student's chunk length
+    idx = jax.ShapeDtypeStruct((longest, cfg.batch_size), jnp.int32,
+                               sharding=NamedSharding(s.mesh, P(None, "data")))
+    loop = distill.jit_bank_loop(distill.make_distill_step(s.student, tx, cfg), s.mesh)
+    first_bad = s.replicate(s.array((), jnp.int32))
+    args = (s.replicate(state), bank, idx, s.replicate(s.key), 0, longest, first_bad)
+    lines.append(measure(name, loop, args, steps=total * len(methods), devices=s.devices))
   return lines
 
 

@@ -14,7 +14,8 @@ def save_bank_grid(bank, class_names, variant: str, path, per_class: int = 4) ->
   """One row per class: each image beside itself with dropped (background) patches darkened
   and the kept foreground outlined in red."""
   patch = vit.parse_variant(variant).patch_size
-  labels, images, masks = np.asarray(bank["labels"]), np.asarray(bank["images"]), np.asarray(bank["masks"])
+  labels, masks = np.asarray(bank["labels"]), np.asarray(bank["masks"])
+  images = np.asarray(bank["images"], np.float32)  # a bfloat16 bank (inversion.bank_dtype) too
   classes = [c for c in range(len(class_names)) if (labels == c).any()]
   if not classes:
     return

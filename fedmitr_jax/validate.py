@@ -191,6 +191,7 @@ FIELD_RULES = {
     "inversion.flip": FLAG,
     "inversion.teachers_mode": _choice("inversion.teachers_mode"),
     "inversion.dense_mask": _choice("inversion.dense_mask"),
+    "inversion.bank_dtype": _choice("inversion.bank_dtype"),
     "inversion.log_every": _int_at_least(1),
     "distill.epochs": POSITIVE,
     "distill.batch_size": _int_at_least(1),

@@ -7,7 +7,7 @@ from jax.sharding import Mesh
 
 from fedmitr_jax import config_base, sharding
 from fedmitr_jax.models import patches, vit
-from fedmitr_jax.server import distill
+from fedmitr_jax.server import distill, synthetic_bank
 
 
 def _bank(n=16, classes=5, patches_n=16, teachers=3, seed=0):
@@ -139,3 +139,22 @@ def test_device_bank_loop_equals_host_fed_steps_bit_for_bit():
     state, _ = step(state, jax.device_put({k: v[idx] for k, v in bank.items()}, split), jax.random.fold_in(rng, t))
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_bfloat16_bank_trains_a_student_close_to_the_float32_one():
+  """The same 12 steps from a bank stored in bfloat16 (inversion.bank_dtype): the student differs
+  from the float32 bank's by a small fraction of what training moved it."""
+  model = vit.build_vit("test/4", 5, image_size=16, separate_token_head=True)
+  bank = _bank(n=32)
+  half = {k: v.astype(jnp.bfloat16) if k in synthetic_bank.REAL_KEYS else v for k, v in bank.items()}
+  params = vit.init_params(model, jax.random.key(0), 16)
+  cfg = _cfg(epochs=3.0, lr=3e-3, log_every=3, checkpoint_every_steps=4)
+  full_trained, _ = distill.train_student(model, cfg, bank, params, seed=0, stage="float32")
+  half_trained, _ = distill.train_student(model, cfg, half, params, seed=0, stage="bfloat16")
+  flat = lambda tree: np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)])
+  moved = np.linalg.norm(flat(full_trained) - flat(params))
+  apart = np.linalg.norm(flat(half_trained) - flat(full_trained))
+  assert 0 < apart < 0.05 * moved, (apart, moved)
+  predict = lambda params: np.argmax(_student_out(model, params, bank)[0], -1)
+  assert (predict(full_trained) == predict(half_trained)).mean() >= 0.9

@@ -87,3 +87,24 @@ def test_paper_cifar10_dry_run_on_8_devices(tmp_path):
                                                rel=1e-3)
   assert not workdir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty_tfds"]
   assert list(no_data.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_distillation_memory_holds_the_bank_in_its_dtype():
+  """The distillation line compiles the run's bank loop: the replicated bank is in its peak, and a
+  bfloat16 bank (held as its bits) takes half a float32 one's bytes, with no widened copy."""
+  from fedmitr_jax import config_base
+  from fedmitr_jax.server import synthetic_bank
+  peaks = {}
+  for dtype in ("float32", "bfloat16"):
+    c = config_base.base_config()
+    c.methods, c.model.variant, c.dataset.image_size = ("fedmitr",), "test/16", 64
+    c.inversion.num_batches, c.inversion.batch_size, c.inversion.bank_dtype = 32, 128, dtype
+    setup = dry_run.Setup(c)
+    (line,) = dry_run.distill_stages(setup)
+    assert line["stage"] == "distill_relabel" and line["devices"] == 8
+    peaks[dtype] = line["peak_gib_per_device"] * 2 ** 30
+  shapes = synthetic_bank.bank_shapes(c.inversion, 16, 10, c.partition.num_clients, 64)
+  values = sum(np.prod(shape) for key, (shape, _) in shapes.items() if key in synthetic_bank.REAL_KEYS)
+  assert peaks["float32"] > 4 * values  # the float32 bank's images and soft targets are in the peak
+  assert peaks["float32"] - peaks["bfloat16"] == pytest.approx(2 * values, rel=0.02)  # 2 bytes a value less

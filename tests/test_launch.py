@@ -2,16 +2,19 @@
 they produce. Nothing reaches a cloud: DRY_RUN=1 prints the commands, gcloud and gsutil are stubs
 that record any call (a dry run must make none), and the command a TPU worker would run is executed
 here against stub tools that record what they were given."""
+import importlib.util
+import json
 import os
 import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ("launch/tpu_pod.sh", "launch/gpu.sh", "launch/local.sh")
+SCRIPTS = ("launch/tpu_pod.sh", "launch/gpu.sh", "launch/local.sh", "launch/accelerator_check.sh")
 JAX_PIN = re.search(r"^jax==(\S+)$", (REPO / "requirements.txt").read_text(), re.M).group(1)
 ETILS_PIN = re.search(r"^etils\[epath\]==(\S+)$", (REPO / "requirements.txt").read_text(), re.M).group(1)
 CONFIG = "configs/paper_cifar10.py:alpha=0.3,model=S/16"
@@ -337,3 +340,87 @@ def test_jax_reads_the_coordinator_address_but_not_the_process_count():
   source = pathlib.Path(distributed.__file__).read_text()
   assert "os.environ.get('JAX_COORDINATOR_ADDRESS')" in source
   assert "JAX_NUM_PROCESSES" not in source and "JAX_PROCESS_ID" not in source
+
+
+def _accelerator_check():
+  spec = importlib.util.spec_from_file_location("accelerator_check", REPO / "benchmarks/accelerator_check.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_accelerator_table_times_each_stage_between_its_reports(tmp_path):
+  """Steps between a stage's reports over the seconds between them; a stage run in parts leaves its
+  first part (which compiles) out, a stage in one part its first interval (when it has others); a
+  sparse interval takes its token count's FLOPs; a generator round is g_steps generator steps plus
+  the round's KD steps."""
+  check = _accelerator_check()
+  (tmp_path / "run.log").write_text("".join(f"{t}\t{line}\n" for t, line in [
+      (0.0, "devices: 1 x cpu"),
+      (10.0, "[clients] step 50/200 - img/s ETA - loss=2"),
+      (20.0, "[clients] step 100/200 320.0 img/s ETA 0.0 min loss=1.5"),  # left out: it compiled
+      (22.0, "[clients] step 150/200 1600.0 img/s ETA 0.0 min loss=1"),
+      (24.0, "[clients] step 200/200 1600.0 img/s ETA 0.0 min loss=1"),
+      (20.0, "[inversion_sparse 1/2] step 50/100 - img/s ETA - loss=3 ce=2 tokens=16"),
+      (90.0, "[inversion_sparse 1/2] step 100/100 8.0 img/s ETA 0.0 min loss=3 ce=2 tokens=8"),
+      (91.0, "[inversion_sparse 2/2] step 50/100 9.0 img/s ETA 0.1 min loss=3 ce=2 tokens=16"),
+      (92.0, "[inversion_sparse 2/2] step 100/100 400.0 img/s ETA 0.0 min loss=3 ce=2 tokens=8"),
+      (93.0, "[distill_fedmitr] step 50/100 - img/s ETA - loss=1 kd=1"),
+      (95.0, "[distill_fedmitr] step 100/100 200.0 img/s ETA 0.0 min loss=1 kd=1"),
+      (100.0, "[distill_coboosting] step 1/3 - img synthesised/s ETA - g_loss=1 kd=1"),
+      (104.0, "[distill_coboosting] step 3/3 4.0 img synthesised/s ETA 0.0 min g_loss=1 kd=1"),
+      (105.0, "[distill_dense] step 1/3 - img synthesised/s ETA - g_loss=1 kd=1"),
+  ]))
+  line = lambda tflop, devices: {"tflop_per_step": tflop, "devices": devices}
+  dry = {"clients": line(2.0, 1), "inversion_sparse/16_tokens": line(9.0, 8),
+         "inversion_sparse/8_tokens": line(1.0, 8), "distill_relabel": line(3.0, 8),
+         "generator_kd/coboosting/generator": line(0.5, 1), "generator_kd/coboosting/kd": line(0.25, 1),
+         "generator_kd/dense/generator": line(0.5, 1), "generator_kd/dense/kd": line(0.25, 1)}
+  config = {"inversion": {"num_batches": 3, "batch_size": 8}, "distill": {"batch_size": 8, "epochs": 2.0},
+            "generator_kd": {"g_steps": 4}}  # KD: 2 epochs of a 24-image pool = 6 steps, 2 per round
+  rows = {r["stage"]: r for r in check.table(check.read_reports(tmp_path / "run.log"), dry, config, "v5e")}
+  expected = {"clients": (1, 100, 25.0, 2.0),  # steps 100..200 in 4 s "inversion_sparse": (8, 50, 50.0, 1.0),
+              "distill_fedmitr": (8, 50, 25.0, 3.0), "distill_coboosting": (1, 2, 0.5, 0.5 * 4 + 0.25 * 2)}
+  for stage, (devices, steps, rate, tflop) in expected.items():
+    row = rows[stage]
+    assert (row["devices"], row["steps"]) == (devices, steps), row
+    assert row["steps_per_s"] == pytest.approx(rate) and row["tflop_per_step"] == pytest.approx(tflop), row
+    assert row["tflop_per_s"] == pytest.approx(rate * tflop)
+    assert row["mfu"] == pytest.approx(rate * tflop / (devices * 197.0))
+  assert rows["distill_dense"]["steps"] == 0 and rows["distill_dense"]["mfu"] is None  # one report, no rate
+  printed = check.format_rows(list(rows.values()))
+  assert printed[0].split() == ["stage", "devices", "steps", "steps/s", "TFLOP/step", "TFLOP/s", "MFU"]
+  assert printed[1].split() == ["clients", "1", "100", "25", "2", "50", "25.4%"]
+  assert printed[-1].split() == ["distill_dense", "1", "0", "-", "-", "-", "-"]
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_a_tiny_config_on_cpu(tmp_path):
+  """launch/accelerator_check.sh end to end with configs/smoke.py at tiny counts on one CPU device:
+  the dry run's lines, the run, and one table row per stage with a rate, TFLOP/s and MFU."""
+  overrides = ["--config.clients.epochs=1", "--config.clients.log_every_steps=2",
+               "--config.inversion.iterations=8", "--config.inversion.log_every=2",
+               "--config.distill.epochs=4", "--config.distill.log_every=2",
+               "--config.distill.checkpoint_every_steps=2", "--config.generator_kd.g_steps=2"]
+  env = dict(os.environ, CHIP="h100", CONFIG="configs/smoke.py", PYTHON=sys.executable,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(["bash", str(REPO / "launch/accelerator_check.sh"), str(tmp_path / "w"),
+                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+  assert result.returncode == 0, result.stderr[-3000:]
+  dry = [json.loads(line) for line in (tmp_path / "w" / "dry_run.jsonl").read_text().splitlines()]
+  assert dry[0]["stage"] == "clients" and "projected_hours" in dry[-1]
+  table = result.stdout[result.stdout.index("stage  "):].splitlines()
+  assert table[0].split() == ["stage", "devices", "steps", "steps/s", "TFLOP/step", "TFLOP/s", "MFU"]
+  stages = ["clients", "inversion_dense", "inversion_sparse", "distill_dense", "distill_coboosting",
+            "distill_dense_kd", "distill_sparse_kd", "distill_dense_relabel", "distill_fedmitr"]
+  assert sorted(line.split()[0] for line in table[1:]) == sorted(stages)
+  rows = {r["stage"]: r for r in map(json.loads, (tmp_path / "w" / "accelerator_check.jsonl").open())}
+  sparse = [line["tflop_per_step"] for line in dry if line.get("stage", "").startswith("inversion_sparse/")]
+  for stage in stages:
+    row = rows[stage]
+    assert row["steps"] > 0 and row["steps_per_s"] > 0, row
+    assert row["tflop_per_s"] == pytest.approx(row["steps_per_s"] * row["tflop_per_step"]), row
+    assert row["mfu"] == pytest.approx(row["tflop_per_s"] / (row["devices"] * 989.0)), row
+  assert min(sparse) <= rows["inversion_sparse"]["tflop_per_step"] <= max(sparse)
+  assert rows["distill_fedmitr"]["tflop_per_step"] == next(l["tflop_per_step"] for l in dry
+                                                            if l.get("stage") == "distill_relabel")

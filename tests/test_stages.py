@@ -49,6 +49,32 @@ def test_bank_stage_fills_every_batch_reports_metrics_and_reloads(tmp_path):
   assert (tmp_path / "bank.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_bfloat16_bank_is_the_float32_bank_rounded_once_and_survives_its_checkpoints(tmp_path):
+  """inversion.bank_dtype='bfloat16': the same inversion, each batch rounded once before its save;
+  the finished bank reloads in bfloat16, and so does a bank rebuilt from its per-batch saves."""
+  model, stacked = _teachers(num=2)
+  cfg = config_base.base_config().inversion
+  cfg.num_batches, cfg.batch_size, cfg.iterations, cfg.stops, cfg.log_every = 2, 8, 2, (1,), 1
+  inverter = inversion.Inverter(model, cfg, 16)  # reads no bank_dtype: one compilation serves both banks
+  build = lambda store: synthetic_bank.build_bank("inversion_sparse", inverter, stacked, [0.5, 0.5],
+                                                  num_classes=4, seed=0, sparse=True, store=store)
+  full, _ = build(checkpoints.StageStore(tmp_path / "float32"))
+  cfg.bank_dtype = "bfloat16"
+  store = checkpoints.StageStore(tmp_path / "bfloat16")
+  half, facts = build(store)
+  reloaded, _ = build(store)  # the finished stage, from its result checkpoint
+  (tmp_path / "bfloat16" / "stages" / "inversion_sparse" / "DONE").unlink()
+  rebuilt, _ = build(store)  # unfinished again: every batch comes back from its own save
+  assert facts["images"] == 16 and all(half[k].dtype == jnp.bfloat16 for k in synthetic_bank.REAL_KEYS)
+  for key in synthetic_bank.BANK_KEYS:
+    rounded = full[key].astype(jnp.bfloat16) if key in synthetic_bank.REAL_KEYS else full[key]
+    for bank in (half, reloaded, rebuilt):
+      assert np.asarray(bank[key]).dtype == rounded.dtype, key
+      np.testing.assert_array_equal(np.asarray(bank[key]), rounded, err_msg=key)
+  assert half["images"].nbytes * 2 == full["images"].nbytes
+
+
 def test_student_stage_trains_once_then_loads(tmp_path):
   store = checkpoints.StageStore(tmp_path)
   init = {"w": jnp.zeros((3,)), "b": jnp.ones((2, 2))}

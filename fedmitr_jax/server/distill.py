@@ -9,10 +9,12 @@ image-level soft label. beta = 0 gives plain KD on the CLS head (dense_kd / spar
 The student has an LV-ViT-style separate token head. The batch is split over a 'data' mesh axis
 and parameters are replicated; XLA inserts the gradient all-reduce.
 
-The bank lives on the devices for the whole stage (replicated, float32: the arrays the synthesis
-saved, so the batches are bit-for-bit the host-gathered ones). The steps up to the next log or
-save point run as one compiled loop that receives only their example indices and gathers each
-batch on the device (one dispatch per chunk instead of a host gather and transfer per step).
+The bank lives on the devices for the whole stage (replicated, in the dtype the synthesis saved it
+in, `inversion.bank_dtype`: float32, or bfloat16 at half the bytes; the step casts its batch to
+float32, so a bfloat16 bank changes the stored values only, and the batches are bit-for-bit the
+host-gathered ones either way). The steps up to the next log or save point run as one compiled
+loop that receives only their example indices and gathers each batch on the device (one dispatch
+per chunk instead of a host gather and transfer per step).
 """
 import functools
 
@@ -73,11 +75,20 @@ def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target, 
   return loss, terms
 
 
+def as_float32(batch: dict) -> dict:
+  """The batch's real-valued arrays in float32 (a bfloat16 bank's images and soft targets: the
+  loss is computed in float32); float32 and integer/bool arrays pass unchanged."""
+  narrow = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32
+  return {k: v.astype(jnp.float32) if narrow(v) else v for k, v in batch.items()}
+
+
 def make_distill_step(model, tx, cfg, rule=ensemble.MEAN, teacher_weights=None):
-  """step(state, batch, rng) -> (state, metrics); pure, one compilation for all steps."""
+  """step(state, batch, rng) -> (state, metrics); pure, one compilation for all steps. The batch
+  may hold a bfloat16 bank's rows: they are cast to float32 first (as_float32)."""
   patch = model.patch_size
 
   def loss_fn(params, batch, rng):
+    batch = as_float32(batch)
     images = batch["images"]
     if cfg.zero_background:  # SMI-style: the student sees only the inverted foreground
       images = images * patches.patch_pixel_mask(batch["masks"], images.shape[1], patch)
@@ -99,6 +110,30 @@ def make_distill_step(model, tx, cfg, rule=ensemble.MEAN, teacher_weights=None):
   return step
 
 
+def held_dtype(dtype) -> np.dtype:
+  """The dtype the devices hold a bank array of `dtype` in: bfloat16 as its uint16 bits. XLA:CPU
+  widens a bfloat16 operand of the compiled loop to float32 as a whole (a float32 copy of the bank
+  on each device, in its memory analysis), while an integer operand is gathered in place; each
+  gathered batch is turned back into bfloat16 (from_bits)."""
+  return np.dtype(np.uint16) if dtype == jnp.bfloat16 else np.dtype(dtype)
+
+
+def as_bits(array: np.ndarray) -> np.ndarray:
+  """A bank array as the devices hold it (held_dtype): a numpy view, no copy."""
+  return array.view(held_dtype(array.dtype))
+
+
+def from_bits(x: jnp.ndarray) -> jnp.ndarray:
+  """Inverse of as_bits on the device: a bank's uint16 array is bfloat16 bits (labels are int32,
+  masks bool: no bank array is uint16 otherwise)."""
+  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def batch_dtype(x) -> np.dtype:
+  """The dtype from_bits gives a batch gathered from the held bank array `x`."""
+  return np.dtype(jnp.bfloat16) if x.dtype == jnp.uint16 else np.dtype(x.dtype)
+
+
 def make_bank_loop(step, mesh):
   """loop(state, bank, idx, rng, start, stop, first_bad) -> (state, metrics, first_bad): steps
   start..stop-1 in one lax.fori_loop. Step t trains on bank[idx[t - start]] (gathered on the
@@ -112,12 +147,14 @@ def make_bank_loop(step, mesh):
     def body(t, carry):
       state, _, first_bad = carry
       rows = jax.lax.dynamic_index_in_dim(idx, t - start, keepdims=False)
-      batch = {k: jax.lax.with_sharding_constraint(jnp.take(bank[k], rows, axis=0), split) for k in BANK_KEYS}
+      batch = {k: jax.lax.with_sharding_constraint(from_bits(jnp.take(bank[k], rows, axis=0)), split)
+               for k in BANK_KEYS}
       state, metrics = step(state, batch, jax.random.fold_in(rng, t))
       return state, metrics, guards.first_bad_step(first_bad, t + 1, metrics["loss"])
 
     metrics = jax.eval_shape(step, state, {k: jax.ShapeDtypeStruct((idx.shape[1],) + bank[k].shape[1:],
-                                                                   bank[k].dtype) for k in BANK_KEYS}, rng)[1]
+                                                                   batch_dtype(bank[k])) for k in BANK_KEYS},
+                             rng)[1]
     no_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
     return jax.lax.fori_loop(start, stop, body, (state, no_metrics, first_bad))
 
@@ -179,7 +216,8 @@ def train_student(model, cfg, bank, init_params, *, seed, stage, manager=None, m
     teacher_weights = jnp.asarray(teacher_weights, jnp.float32)
   loop = jit_bank_loop(make_distill_step(model, tx, cfg, rule, teacher_weights), mesh)
   split = NamedSharding(mesh, P(None, "data"))
-  device_bank = sharding.replicate(mesh, {k: np.asarray(bank[k]) for k in BANK_KEYS})  # once per stage
+  # Once per stage; a bfloat16 bank travels as its bits (as_bits).
+  device_bank = sharding.replicate(mesh, {k: as_bits(np.asarray(bank[k])) for k in BANK_KEYS})
   rng = jax.random.fold_in(jax.random.key(seed), 4)  # stream 4: distillation
   progress = Progress(stage, total, cfg.batch_size, start_step=start)
   guard = guards.FiniteGuard(stage, "distill.lr")

@@ -4,9 +4,14 @@ Every finished batch is saved on its own (progress step b + 1 holds batch b only
 writes one batch, not the bank so far), and a killed synthesis reloads the saved batches and
 resumes at the next one. Each batch has its own seeded targets and initial pixels (fold_in of the
 batch number), so a resumed bank equals an uninterrupted one.
+
+The images and soft targets (REAL_KEYS) are stored in `inversion.bank_dtype`: the inversion runs
+in float32 and each finished batch is rounded once, before it is saved, so the saved batches, the
+finished bank and the arrays distillation puts on the devices are the same values.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedmitr_jax import checkpoints, sharding
@@ -14,19 +19,28 @@ from fedmitr_jax.progress import log
 from fedmitr_jax.server import inversion
 
 BANK_KEYS = ("images", "labels", "masks", "teacher_logits", "token_probs")
+REAL_KEYS = ("images", "teacher_logits", "token_probs")  # held in bank_dtype; labels, masks exact
+
+
+def bank_dtype(cfg) -> np.dtype:
+  """numpy dtype of the bank's REAL_KEYS for `inversion.bank_dtype` (bfloat16: ml_dtypes')."""
+  return np.dtype(jnp.bfloat16 if cfg.bank_dtype == "bfloat16" else np.float32)
+
+
+def bank_shapes(cfg, num_patches: int, num_classes: int, num_teachers: int, image_size: int) -> dict:
+  """{key: (shape, dtype)} of a bank of cfg.num_batches x cfg.batch_size images."""
+  n, real = cfg.num_batches * cfg.batch_size, bank_dtype(cfg)
+  return {"images": ((n, image_size, image_size, 3), real), "labels": ((n,), np.dtype(np.int32)),
+          "masks": ((n, num_patches), np.dtype(bool)),
+          "teacher_logits": ((n, num_teachers, num_classes), real),
+          "token_probs": ((n, num_patches, num_classes), real)}
 
 
 def _empty_bank(cfg, model, num_classes, num_teachers, image_size):
-  n = cfg.num_batches * cfg.batch_size
   num_patches = (image_size // model.patch_size) ** 2
-  return {
-      "images": np.zeros((n, image_size, image_size, 3), np.float32),
-      "labels": np.zeros((n,), np.int32),
-      "masks": np.zeros((n, num_patches), bool),
-      "teacher_logits": np.zeros((n, num_teachers, num_classes), np.float32),
-      "token_probs": np.zeros((n, num_patches, num_classes), np.float32),
-      "batches_done": np.zeros((), np.int32),
-  }
+  shapes = bank_shapes(cfg, num_patches, num_classes, num_teachers, image_size)
+  return {**{key: np.zeros(shape, dtype) for key, (shape, dtype) in shapes.items()},
+          "batches_done": np.zeros((), np.int32)}
 
 
 def saved_batches(manager) -> int:
@@ -69,8 +83,9 @@ def build_bank(name: str, inverter: inversion.Inverter, client_params, weights, 
       # Same seeds for the dense and sparse banks: they differ only by the stops.
       labels = inversion.balanced_labels(seed * 100_003 + b, cfg.batch_size, num_classes)
       out, facts = inversion.synthesize_batch(
-          inverter, client_params, weights, labels, jax.random.fold_in(base_rng, b), sparse=sparse, stage_name=f"{name} {b + 1}/{cfg.num_batches}",
-          shard=shard)
+          inverter, client_params, weights, labels, jax.random.fold_in(base_rng, b), sparse=sparse,
+          stage_name=f"{name} {b + 1}/{cfg.num_batches}", shard=shard)
+      out = {key: np.asarray(out[key], bank[key].dtype) for key in BANK_KEYS}  # rounded once, here
       for key in BANK_KEYS:
         bank[key][rows_of(b)] = out[key]
       bank["batches_done"] = np.int32(b + 1)
