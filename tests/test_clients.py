@@ -140,7 +140,7 @@ def test_client_mesh_shape_pads_least_then_prefers_more_client_groups():
   assert shape(8, 8, 8) == (8, 1) and shape(16, 8, 8) == (8, 1)
   assert shape(3, 2, 8) == (4, 2)  # B=2 splits over at most 2 devices: c >= 4, 4 pads to 4
   assert shape(5, 4, 8) == (2, 4)  # B=4: c >= 2; c=2 pads to 6, c=4 and 8 to 8
-  assert shape(5, 3, 8) == (8, 1)  # an odd batch splits over no devices: one client per device
+  assert shape(5, 3, 8) == (8, 1)  # an odd batch does not split: a whole batch per device, one client each
   assert shape(6, 12, 4) == (2, 2) and shape(7, 12, 1) == (1, 1)
   for k in range(1, 20):  # never more padding than the best divisor allows, and the batch always splits
     for b in (1, 2, 4, 6, 8, 16):
