@@ -234,10 +234,11 @@ def paper_scale(args, *, client_epochs: float) -> ml_collections.ConfigDict:
   # Clients fine-tune the pretrained ViT as DENSE / Co-Boosting train theirs (SGD lr 0.01, momentum
   # 0.9, no weight decay) with vit_jax's fine-tuning clip (1.0) and a cosine schedule; epochs per
   # dataset (CIFAR-10: 10 epochs of a ~10k-image shard is ~1.5k steps, enough for a pretrained ViT).
-  # Batch 64 per client: the vmapped step holds K x 64 images on one device, at ~50 MB of
-  # activations per image for Ti/16, ~95 MB for S/16: 5 Ti clients take 15.0 GiB (the dry run,
-  # docs/launching.md; 3.0 GiB with --config.clients.mode=loop, one client at a time), 10 S/16
-  # clients ~60 GB; on 16 GB chips (v5e) use loop mode.
+  # Batch 64 per client: the vmapped step holds K x 64 images, split over every device, at ~50 MB
+  # of activations per image for Ti/16, ~95 MB for S/16: 5 Ti clients take 2.5 GiB per device on 8
+  # (the dry run, docs/launching.md; the one-device step took 15.0 GiB; 0.59 GiB per device on 8 with
+  # --config.clients.mode=loop, one client at a time), 10 S/16 clients ~60 GB over all devices; on
+  # one 16 GB chip (v5e) use loop mode.
   c.clients.optimizer = "sgd"
   c.clients.lr = 0.01
   c.clients.momentum = 0.9

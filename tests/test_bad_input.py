@@ -222,6 +222,16 @@ def test_edge_values_inside_the_rules_pass(tmp_path, field, value):
   validate.check_config(config)
 
 
+def test_loop_clients_batch_must_split_over_the_devices_vmap_needs_not(tmp_path):
+  """Loop mode splits each client's batch over all 8 devices (conftest); vmap mode always finds a
+  ('clients', 'data') mesh shape, at worst one client per device with its whole batch."""
+  config = _config(tmp_path, clients__mode="loop", clients__batch_size=12)
+  with pytest.raises(validate.InputError) as err:
+    validate.check_config(config)
+  assert str(err.value) == "clients.batch_size: 12 is not divisible by the 8 devices; set it to a multiple of 8"
+  validate.check_config(_config(tmp_path / "vmap", clients__mode="vmap", clients__batch_size=12))
+
+
 @pytest.mark.slow
 def test_cli_out_of_range_value_stops_before_any_stage(tmp_path):
   """Through the entry point: exit code 2, the rule's line last on stderr, nothing in the workdir."""

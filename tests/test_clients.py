@@ -140,7 +140,7 @@ def test_client_mesh_shape_pads_least_then_prefers_more_client_groups():
   assert shape(8, 8, 8) == (8, 1) and shape(16, 8, 8) == (8, 1)
   assert shape(3, 2, 8) == (4, 2)  # B=2 splits over at most 2 devices: c >= 4, 4 pads to 4
   assert shape(5, 4, 8) == (2, 4)  # B=4: c >= 2; c=2 pads to 6, c=4 and 8 to 8
-  assert shape(5, 3, 8) == (8, 1)  # an odd batch splits over no devices: one client per device
+  assert shape(5, 3, 8) == (8, 1)  # an odd batch does not split: a whole batch per device, one client each
   assert shape(6, 12, 4) == (2, 2) and shape(7, 12, 1) == (1, 1)
   for k in range(1, 20):  # never more padding than the best divisor allows, and the batch always splits
     for b in (1, 2, 4, 6, 8, 16):
@@ -190,3 +190,33 @@ def test_sharded_looped_clients_equal_one_device_clients():
 def test_loop_mode_refuses_a_batch_that_does_not_split_over_the_devices():
   with pytest.raises(sharding.ShardingError, match=r"^clients.batch_size: 12 is not divisible by the 8 devices"):
     training.loop_mesh(12)
+
+
+@pytest.mark.slow
+def test_client_stage_records_its_devices_and_saves_k_clients(tmp_path):
+  """pipeline.run_clients on the 8-device (4 x 2) mesh: 3 clients + 1 no-op, batch 2. The facts
+  name the devices; the result and the rolling saves hold the 3 clients only, and the stage loads
+  its result on a rerun."""
+  import types
+  from fedmitr_jax import checkpoints, pipeline
+  config = config_base.base_config()
+  config.model.variant, config.dataset.image_size = "test/8", 16
+  cfg = config.clients
+  cfg.batch_size, cfg.epochs, cfg.checkpoint_every_steps, cfg.log_every_steps = 2, 1.0, 2, 100
+  rng = np.random.default_rng(0)
+  dataset = types.SimpleNamespace(num_classes=4, train_images=rng.integers(0, 256, (13, 16, 16, 3), dtype=np.uint8),
+                                  train_labels=rng.integers(0, 4, 13).astype(np.int32))
+  parts = [np.arange(0, 6), np.arange(6, 9), np.arange(9, 13)]
+  store = checkpoints.StageStore(tmp_path)
+  params = pipeline.run_clients(config, dataset, parts, store)
+  facts = store.load_facts("clients")
+  assert facts["devices"] == jax.device_count() == 8 and facts["steps"] == [3, 2, 2]
+  with store.progress_manager("clients") as manager:
+    assert manager.latest_step() == 2  # saves every 2 steps: the last one at step 2 of 3
+    saved = checkpoints.restore(manager, 2, None)
+  assert {np.shape(x)[0] for x in jax.tree.leaves(saved)} == {3}
+  assert np.asarray(saved["step"]).tolist() == [2, 2, 2]
+  loaded = pipeline.run_clients(config, dataset, parts, store)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    assert a.shape[0] == 3
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
