@@ -2,9 +2,11 @@ r"""Every speed figure of the project, in one run: one JSON line per figure, the
 
   python benchmarks/run.py            # everything (~30 min on the 2-core CPU, with the default job)
   python benchmarks/run.py --quick    # a few minutes: fewer repeats, no default job
+  python benchmarks/run.py --only sparse_vs_dense   # the inversion step figures alone
 
 Figures (`{"figure": name, "value": number, "goal": number}`; ratios are measured in this run):
   sparse_vs_dense_speedup    dense / sparse inversion wall time at equal iterations, SMI's schedule
+                             (goal: PyTorch's ratio measured the same way, when torch is installed)
   inversion_vs_torch_eager   PyTorch eager / ours, one 5-teacher inversion step (dense and sparse)
   train_vs_torch             PyTorch (best of eager, torch.compile) / ours, one distillation step
   train_peak_fraction        our distillation step's GFLOP/s (XLA cost analysis) / matmul peak
@@ -98,6 +100,35 @@ def inversion_step_seconds(model, teachers, tokens, repeats, mode="loop"):
   return seconds_per_call(step, args, repeats), compiled_flops(step, *args)
 
 
+def sparse_vs_dense(variant, repeats, torch_ref):
+  """Our inversion step's seconds at every token count of SMI's schedule and the dense / sparse
+  ratio they give; with PyTorch, its eager step's seconds at the same counts and its ratio, the
+  goal ours is held to (both measured here, in this run). Returns (ours, PyTorch's) seconds."""
+  model, teachers = teachers_for(variant)
+  counts = inversion.keep_counts(vit.num_patches(variant, IMAGE), len(SMI_STOPS), 0.3)
+  ours, theirs = {}, {}
+  for n in counts:
+    ours[n], flops = inversion_step_seconds(model, teachers, n, repeats)
+    emit(f"inversion_step_seconds_{variant}_{n}tokens", ours[n], gflops_per_s=round(flops / ours[n] / 1e9, 1))
+  goal = 3.0
+  if torch_ref:
+    theirs = {n: torch_ref.inversion_step_seconds(variant, n, repeats) for n in counts}
+    goal = smi_weighted_speedup(theirs, counts)
+    emit(f"sparse_vs_dense_speedup_torch_{variant}", goal,
+         step_seconds={n: round(t, 4) for n, t in theirs.items()})
+  emit(f"sparse_vs_dense_speedup_{variant}", smi_weighted_speedup(ours, counts), goal=round(goal, 3),
+       how="per-step times at each token count, weighted by SMI's 4000-iteration schedule; goal: "
+           + ("PyTorch eager's ratio, measured the same way in this run" if torch_ref else "3.0"))
+  return ours, theirs
+
+
+def inversion_figures(variant, repeats, torch_ref):
+  step_seconds, torch_seconds = sparse_vs_dense(variant, repeats, torch_ref)
+  if torch_ref:
+    for n in (max(step_seconds), min(step_seconds)):
+      emit(f"inversion_vs_torch_eager_{variant}_{n}tokens", torch_seconds[n] / step_seconds[n], goal=1.3)
+
+
 def smi_weighted_speedup(step_seconds: dict, counts) -> float:
   """Dense / sparse time of SMI's 4000-iteration schedule from per-step times per token count."""
   bounds = [0, *SMI_STOPS, SMI_ITERATIONS]
@@ -182,6 +213,8 @@ def default_job():
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats, no default job")
+  parser.add_argument("--only", choices=("sparse_vs_dense",),
+                      help="only the inversion step figures: sparse vs dense, ours and PyTorch's")
   args = parser.parse_args()
   repeats = 3 if args.quick else 10
   try:
@@ -191,6 +224,12 @@ def main():
     print(json.dumps({"note": f"PyTorch figures skipped ({e}); pip install torch==2.13.0"}), flush=True)
   print(json.dumps({"note": "machine", "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
                     "cpus": os.cpu_count(), "jax": jax.__version__}), flush=True)
+
+  if args.only == "sparse_vs_dense":
+    for variant in ("Mi/4", "Sm/4"):
+      inversion_figures(variant, repeats, torch_ref)
+    print_table()
+    return
 
   # Peak: the best fp32 matmul of the machine it runs on, by XLA or by PyTorch.
   jax_fp32 = jax_matmul_gflops(jnp.float32)
@@ -208,19 +247,7 @@ def main():
     emit("bf16_matmul_vs_torch", jax_bf16 / torch_bf16, goal=1.0)
 
   for variant in ("Mi/4", "Sm/4"):
-    model, teachers = teachers_for(variant)
-    counts = inversion.keep_counts(vit.num_patches(variant, IMAGE), len(SMI_STOPS), 0.3)
-    step_seconds = {}
-    for n in counts:
-      step_seconds[n], flops = inversion_step_seconds(model, teachers, n, repeats)
-      emit(f"inversion_step_seconds_{variant}_{n}tokens", step_seconds[n],
-           gflops_per_s=round(flops / step_seconds[n] / 1e9, 1))
-    emit(f"sparse_vs_dense_speedup_{variant}", smi_weighted_speedup(step_seconds, counts), goal=3.0,
-         how="per-step times at each token count, weighted by SMI's 4000-iteration schedule")
-    if torch_ref:
-      for n in (counts[0], counts[-1]):
-        torch_seconds = torch_ref.inversion_step_seconds(variant, n, repeats)
-        emit(f"inversion_vs_torch_eager_{variant}_{n}tokens", torch_seconds / step_seconds[n], goal=1.3)
+    inversion_figures(variant, repeats, torch_ref)
     seconds, flops = distill_step_seconds(variant, repeats)
     emit(f"distill_step_img_per_s_{variant}", BATCH / seconds)
     emit(f"train_peak_fraction_{variant}", flops / seconds / 1e9 / peak, goal=0.55,
@@ -261,6 +288,10 @@ def main():
     total, stages, accuracy = default_job()
     emit("default_job_seconds", total, stages=stages, test_accuracy_percent=accuracy)
 
+  print_table()
+
+
+def print_table():
   print("\n| figure | value | goal | met |\n|---|---|---|---|")
   for line in FIGURES:
     goal, value = line["goal"], line["value"]
