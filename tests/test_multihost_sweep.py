@@ -33,7 +33,7 @@ RUNS = [f"alpha{a:g}_seed{s}" for a in ALPHAS for s in SEEDS]
 # The smoke config with a smaller inversion (one stop, 4 iterations), as in test_multihost.py.
 OVERRIDES = (f"--config.methods={METHODS!r}", "--config.inversion.iterations=4",
              "--config.inversion.stops=(2,)")
-REPORT = ("sweep.md", "sweep.csv", "sweep.json", "sweep.png")
+REPORT = ("sweep.md", "sweep_diagnostics.md", "sweep.csv", "sweep.json", "sweep.png")
 TIMEOUT_S = 1200  # per sweep: a hung collective fails the test instead of blocking CI
 
 # Every stage that computes (partition only shuffles indices), and evaluation, which has no stage
