@@ -123,7 +123,7 @@ def format_rows(rows: list[dict]) -> list[str]:
   show = lambda x, fmt: "-" if x is None else format(x, fmt)
   cells = [HEADER] + [(r["stage"], str(r["devices"]), str(r["steps"]), show(r["steps_per_s"], ".3g"),
                        show(r["tflop_per_step"], ".4g"), show(r["tflop_per_s"], ".4g"),
-                       "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%") for r in rows]
+                       "-" if r["mfu"] is None else f"{100 * r['mfu']:.3g}%") for r in rows]
   widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
   return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths)))
           for cell in cells]
