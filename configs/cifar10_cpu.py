@@ -2,10 +2,10 @@ r"""The default job: CIFAR-10 (offline JPEG copy), 5 clients, Dir(0.1), a small 
 
   python -m fedmitr_jax.main --config configs/cifar10_cpu.py --workdir /tmp/fedmitr_cpu
 
-Budgeted to finish in under 10 minutes on a 2-core CPU with the six default methods (6.9 min
+Budgeted to finish in under 8 minutes on a 2-core CPU with the six default methods (5.2 min
 measured; hardware table in docs/results.md). Expected (seed 0, docs/results.md "The default job"):
-clients 13-25%, ensemble 27.8%, fedavg 15.3%, dense_kd 14.2%, sparse_kd 17.5%, dense_relabel 14.0%,
-fedmitr 16.2% (18.4% with the token head).
+clients 13-25%, ensemble 27.8%, fedavg 15.3%, dense_kd 13.8%, sparse_kd 18.1%, dense_relabel 14.2%,
+fedmitr 16.9% (19.6% with the token head).
 Args: 'alpha=0.3,clients=10' change the split.
 """
 from fedmitr_jax import config_base
