@@ -104,40 +104,45 @@ def test_a_batch_the_devices_cannot_split_is_refused_before_anything_runs(field)
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-  """A run stopped after round 1 of 2 and resumed ends with the same student as one that ran
-  straight through. Co-Boosting: its state (pool, student, ensemble weights) is DENSE's plus w."""
+  """A run stopped after round 2 of 3 and resumed ends with the same student as one that ran
+  straight through. Co-Boosting: its state (pool, student, ensemble weights) is DENSE's plus w.
+  Each round's save holds only that round's pool rows, so the resume must rebuild rounds 1 and 2
+  of the pool from two saves before round 3 reads (and re-weights over) all of it."""
   method = "coboosting"
-  config = _tiny_config()
+  config = _tiny_config(rounds=3)
   teacher, stacked = _teachers()
   student = vit.build_vit("test/8", 4, image_size=16, separate_token_head=True)
   init = vit.init_params(student, jax.random.key(7), 16)
   weights = jnp.full((3,), 1 / 3)
 
   def run(directory, cfg):
-    with checkpoints.StageStore(directory).progress_manager("s", max_to_keep=1) as manager:
-      return generator_kd.train(method, cfg, teacher, student, stacked, weights,
-                                jax.tree.map(jnp.copy, init), stage="s", manager=manager)
+    with checkpoints.StageStore(directory).progress_manager("s", max_to_keep=None) as manager:
+      out = generator_kd.train(method, cfg, teacher, student, stacked, weights,
+                               jax.tree.map(jnp.copy, init), stage="s", manager=manager)
+      return out, manager.all_steps()
 
-  straight, facts = run(tmp_path / "a", config)
-  assert facts["rounds"] == 2 and facts["kd_steps"] == 4 and facts["devices"] == 8
-  # "Kill" after round 1: a run that saved round 1 of the same 2-round plan, then resumes.
-  one_round = _tiny_config()
+  (straight, facts), steps = run(tmp_path / "a", config)
+  assert facts["rounds"] == 3 and facts["devices"] == 8 and sorted(steps) == [1, 2, 3]
+  with checkpoints.StageStore(tmp_path / "a").progress_manager("s", max_to_keep=None) as manager:
+    first = manager.restore(1)  # round 1's save: that round's 8 images, not the 24-image pool
+    assert first["images"].shape == (8, 16, 16, 3) and first["labels"].shape == (8,)
   original_save = checkpoints.ocp.CheckpointManager.save
   calls = []
 
   def save_then_stop(self, step, *args, **kwargs):
     original_save(self, step, *args, **kwargs)
     calls.append(step)
-    raise KeyboardInterrupt
+    if step == 2:
+      raise KeyboardInterrupt  # "killed" right after round 2's save
 
   checkpoints.ocp.CheckpointManager.save = save_then_stop
   try:
     with pytest.raises(KeyboardInterrupt):
-      run(tmp_path / "b", one_round)
+      run(tmp_path / "b", config)
   finally:
     checkpoints.ocp.CheckpointManager.save = original_save
-  assert calls == [1]
-  resumed, _ = run(tmp_path / "b", one_round)
+  assert calls == [1, 2]
+  (resumed, _), _ = run(tmp_path / "b", config)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

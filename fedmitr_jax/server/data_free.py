@@ -74,7 +74,7 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store,
     params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
         generator_kd.train(method, config, teacher, student, client_params,
                            jnp.asarray(weights, jnp.float32), init, stage=stage, manager=m, rule=rule)),
-        max_to_keep=1)
+        max_to_keep=None)  # every round's save holds that round's pool rows (generator_kd.train)
     predictions = evaluate.predicted_labels(student, params, test_images, config.eval.batch_size,
                                             image_size=image_size)
     results[method] = {"test_acc": evaluate.accuracy_of(predictions, test_labels),

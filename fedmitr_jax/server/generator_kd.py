@@ -19,7 +19,9 @@ ViTs have no BatchNorm, so the BN-statistics term of both papers is absent (as i
 inversion). Budgets are tied to the relabel methods': the pool holds as many images as a
 synthetic bank (rounds = inversion.num_batches of inversion.batch_size) and the student takes as
 many steps (distill.epochs over the bank), spread evenly over the rounds, with distill's
-optimiser. State is saved after every round, so a killed run resumes at the next round.
+optimiser. State is saved after every round (the student, the ensemble weights and only that
+round's new pool rows; every round's save is kept), so a killed run rebuilds the pool from the
+saves and resumes at the next round.
 
 Data-parallel on the 'data' mesh (sharding.py), like distillation: the generator's batch (z, its
 labels, the round's best images and z's Adam moments) is split over the devices and everything
@@ -290,22 +292,31 @@ def train(method, config, teacher, student, client_params, weights, init_params,
                                 jnp.zeros((rounds * batch,), jnp.int32)), out_shardings=replicated)
   add = jax.jit(add_to_pool, in_shardings=(replicated, replicated, split, split, replicated),
                 out_shardings=replicated, donate_argnums=(0, 1))
-  images, labels = empty_pool()
+  pool_images, pool_labels = empty_pool()  # the pool, on the devices
+  # Save r holds round r's new pool rows, not the whole pool (which would rewrite the pool every
+  # round: 16 x 2.3 GiB at paper scale); the manager keeps every round's save (max_to_keep=None)
+  # and a resume rebuilds the pool from all of them, then continues from the newest.
   state = {
       "student": sharding.replicate_anywhere(mesh, distill.StudentState(
           params=init_params, opt_state=tx.init(init_params), step=jnp.zeros((), jnp.int32))),
       "weights": initial_w,
-      "images": images,  # the pool, on the devices
-      "labels": labels,
+      "images": jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32, sharding=split),
+      "labels": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split),
       "rounds_done": np.zeros((), np.int32),
   }
-  _, saved = checkpoints.restore_latest(manager, checkpoints.abstract_like(state))
-  if saved is not None:
-    state = saved
+  saved_rounds = sorted(manager.all_steps())
+  if saved_rounds:
+    if saved_rounds != list(range(1, saved_rounds[-1] + 1)):
+      raise ValueError(f"{stage}: round saves {saved_rounds} are not every round from 1; the stage's "
+                       "progress folder is not from this version: delete it to run the stage again")
+    for saved_round in saved_rounds:
+      state = checkpoints.restore(manager, saved_round, checkpoints.abstract_like(state))
+      pool_images, pool_labels = add(pool_images, pool_labels, state["images"], state["labels"],
+                                     (saved_round - 1) * batch)
     log(f"[{stage}] resuming after {int(state['rounds_done'])}/{rounds} rounds")
   # Copies: the KD loop donates its state, and the caller's initial parameters must stay valid.
   student_state = jax.tree.map(jnp.copy, state["student"])
-  w, pool_images, pool_labels = state["weights"], state["images"], state["labels"]
+  w = state["weights"]
   rng = jax.random.fold_in(jax.random.key(config.seed), 6)  # stream 6: generator baselines
   progress = Progress(stage, rounds, batch, unit="img synthesised", start_step=int(state["rounds_done"]))
   guard = guards.FiniteGuard(stage, "generator_kd.lr_g or distill.lr")
@@ -328,7 +339,7 @@ def train(method, config, teacher, student, client_params, weights, init_params,
         student_state, pool_images, sharding.put_global(idx, NamedSharding(mesh, P(None, "data"))),
         client_params, w, round_rng, r + 1, guard.first_bad)
     guard.check(manager.latest_step())  # steps are counted in rounds here
-    state.update(student=student_state, weights=w, images=pool_images, labels=pool_labels,
+    state.update(student=student_state, weights=w, images=gen.best_images, labels=round_labels,
                  rounds_done=np.int32(r + 1))
     manager.save(r + 1, args=checkpoints.standard_save(state))
     progress.step_done()
