@@ -111,6 +111,7 @@ def _host_fed(step, states, images, labels, plan, rngs):
   return states
 
 
+@pytest.mark.slow  # ~11 s: the fast tier keeps the vmap == loop and resume checks of the same runner
 def test_device_side_batches_equal_host_gathered_batches_bit_for_bit():
   step, states, images, labels, plan, rngs = _setup()
   expected = _host_fed(step, states, images, labels, plan, rngs)

@@ -137,6 +137,7 @@ def test_synthesis_sharded_over_8_devices_equals_one_device():
   np.testing.assert_allclose(one["images"], many["images"], atol=1e-4)
 
 
+@pytest.mark.slow  # ~8 s: the fast tier keeps the step and stage tests of the same loop
 def test_compiled_loop_equals_the_per_step_loop_bit_for_bit():
   """One lax.fori_loop over a stage gives exactly what one jitted call per iteration gave."""
   model, stacked, w = _teachers()
