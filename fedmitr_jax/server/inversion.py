@@ -12,7 +12,6 @@ numbers (fold_in of the iteration), the best iterate and the non-finite check st
 and the host only sees the loop's end, split at the log points (one dispatch per log_every
 iterations instead of several per iteration).
 """
-import functools
 
 import flax
 import jax

@@ -5,6 +5,10 @@ writes one batch, not the bank so far), and a killed synthesis reloads the saved
 resumes at the next one. Each batch has its own seeded targets and initial pixels (fold_in of the
 batch number), so a resumed bank equals an uninterrupted one.
 
+`inversion.parallel_batches` = G > 1 inverts G batches at once (`inversion.synthesize_group`) on
+a ('batches', 'data') mesh, each batch split over D / G devices; every batch keeps its own seeds, so
+the bank is G = 1's up to float rounding, and each batch still has its own save.
+
 The images and soft targets (REAL_KEYS) are stored in `inversion.bank_dtype`: the inversion runs
 in float32 and each finished batch is rounded once, before it is saved, so the saved batches, the
 finished bank and the arrays distillation puts on the devices are the same values.
