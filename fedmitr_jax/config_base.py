@@ -124,6 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
   # finished batch is rounded once, before it is saved.
   c.inversion.bank_dtype = "float32"
   c.inversion.log_every = 25
+  # G bank batches inverted at once, side by side on a ('batches', 'data') mesh of G x D/G devices,
+  # each batch split over its D/G. Why: a batch must split over the devices that run it, so with
+  # G = 1 a batch_size-image batch caps inversion at batch_size devices and leaves few images per
+  # device on a pod; G > 1 uses G times the devices at the same batch_size. Each batch keeps its
+  # own targets and random stream, so the bank equals G = 1's up to float rounding. Must divide
+  # num_batches and the device count, and batch_size must be a multiple of D/G.
+  c.inversion.parallel_batches = 1
 
   # ---- token-relabel distillation (server) -----------------------------------------------
   c.distill = ml_collections.ConfigDict()

@@ -168,12 +168,22 @@ def inversion_stages(s: Setup) -> list[dict]:
   iteration) and 'inversion_sparse/<tokens>' (each stage between stops)."""
   cfg = s.config.inversion
   kinds = sorted({data_free.DATA_FREE[m][0] for m in s.config.methods if m in data_free.DATA_FREE})
-  step = jax.jit(inversion.make_inversion_step(s.teacher, cfg, s.image_size), donate_argnums=0)
+  groups = cfg.parallel_batches  # G batches at once: one step of all G, vmapped, on G x D/G devices
+  step = inversion.make_inversion_step(s.teacher, cfg, s.image_size)
   state = jax.eval_shape(lambda key: inversion.init_state(cfg, key, cfg.batch_size, s.image_size,
                                                           s.num_patches), s.key)
-  labels = s.sharded(s.array((cfg.batch_size,), jnp.int32))
-  weights = s.replicate(s.array((s.num_clients,), jnp.float32))
-  client_params = s.replicate(s.client_params)
+  if groups == 1:
+    step, sharded, replicate = jax.jit(step, donate_argnums=0), s.sharded, s.replicate
+  else:
+    mesh = sharding.group_mesh(groups)
+    on = lambda x: NamedSharding(mesh, P("batches", "data") if np.ndim(x) >= 2 else P("batches"))
+    stack = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct((groups,) + x.shape, x.dtype), t)
+    sharded = lambda t: abstract(stack(t), on)
+    replicate = lambda t: abstract(t, lambda x: NamedSharding(mesh, P()))
+    step = jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, 0)), donate_argnums=0)
+  labels = sharded(s.array((cfg.batch_size,), jnp.int32))
+  weights = replicate(s.array((s.num_clients,), jnp.float32))
+  client_params = replicate(s.client_params)
   lines, compiled = [], {}
   for kind in kinds:
     stops = inversion.active_stops(cfg, kind == "sparse")
@@ -182,10 +192,11 @@ def inversion_stages(s: Setup) -> list[dict]:
     for tokens, start, stop in zip(counts, bounds[:-1], bounds[1:]):
       if tokens not in compiled:
         at_tokens = state.replace(keep_idx=s.array((cfg.batch_size, tokens), jnp.int32))
-        args = (s.sharded(at_tokens), labels, client_params, weights, s.replicate(s.key))
+        args = (sharded(at_tokens), labels, client_params, weights,
+                s.replicate(s.key) if groups == 1 else sharded(s.key))
         compiled[tokens] = measure("", step, args, steps=0, devices=s.devices)
       name = "inversion_dense" if kind == "dense" else f"inversion_sparse/{tokens}_tokens"
-      lines.append(dict(compiled[tokens], stage=name, steps=(stop - start) * cfg.num_batches))
+      lines.append(dict(compiled[tokens], stage=name, steps=(stop - start) * cfg.num_batches // groups))
   return lines
 
 

@@ -13,7 +13,8 @@ hands it whole to `jax.make_array_from_process_local_data` with the global shape
 places the slices its own devices own, with no communication. One process keeps `device_put`.
 
 Client training (stage 2) has a 2-D mesh of its own, `client_mesh`: clients split over 'clients',
-each client's batch split over 'data'.
+each client's batch split over 'data'. Inversion with `inversion.parallel_batches` = G > 1 has
+`group_mesh`: G bank batches over 'batches', each batch split over 'data'.
 """
 import jax
 import numpy as np
@@ -53,6 +54,21 @@ def client_mesh(num_clients: int, batch_size: int) -> Mesh:
   devices stays on one host and the per-client all-reduce does not cross hosts."""
   shape = client_mesh_shape(num_clients, batch_size, jax.device_count())
   return Mesh(np.asarray(jax.devices()).reshape(shape), ("clients", "data"))
+
+
+def group_mesh(groups: int) -> Mesh:
+  """The ('batches', 'data') mesh over every device: `groups` independent batches side by side,
+  each split over D / groups devices (devices in `jax.devices()` order, so a small 'data' group
+  stays on one host). The caller checks that `groups` divides the device count."""
+  devices = jax.device_count()
+  return Mesh(np.asarray(jax.devices()).reshape(groups, devices // groups), ("batches", "data"))
+
+
+def group_sharder(mesh: Mesh):
+  """Returns x -> x placed with its leading (batch-number) axis over 'batches' and its second
+  (example) axis, if any, over 'data'."""
+  split, per_batch = NamedSharding(mesh, P("batches", "data")), NamedSharding(mesh, P("batches"))
+  return lambda x: put_global(x, split if np.ndim(x) >= 2 else per_batch)
 
 
 def check_divisible(batch: int, field: str) -> None:

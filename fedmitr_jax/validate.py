@@ -54,7 +54,10 @@ def check_config(config) -> None:
   except ValueError as e:
     raise InputError(str(e)) from None
   try:  # data-parallel stages split their batch over every device
-    sharding.check_divisible(config.inversion.batch_size, "inversion.batch_size")
+    # With inversion.parallel_batches = G > 1 a bank batch splits over D / G devices (its rule
+    # checks that); the generator baselines still split their inversion.batch_size over all D.
+    if config.inversion.parallel_batches == 1 or set(config.methods) & set(config_base.GENERATOR_METHODS):
+      sharding.check_divisible(config.inversion.batch_size, "inversion.batch_size")
     sharding.check_divisible(config.distill.batch_size, "distill.batch_size")
     if config.clients.mode == "loop":  # 'vmap' always finds a mesh shape (sharding.client_mesh_shape)
       sharding.check_divisible(config.clients.batch_size, "clients.batch_size")
@@ -137,6 +140,24 @@ def _check_variant(variant, config):
   return None
 
 
+def _check_parallel_batches(groups, config):
+  """G batches at once on a G x D/G mesh: G divides num_batches and D, batch_size splits over D/G."""
+  inv, devices = config.inversion, jax.device_count()
+  if not _is_int(groups) or groups < 1:
+    return f"inversion.parallel_batches: {groups!r} is not allowed; use an int >= 1 (default 1)"
+  if not _is_int(inv.num_batches) or inv.num_batches % groups:
+    return (f"inversion.parallel_batches: {groups} does not divide inversion.num_batches = "
+            f"{inv.num_batches}; use a divisor of it (1 runs one batch at a time)")
+  if devices % groups:
+    return (f"inversion.parallel_batches: {groups} does not divide the {devices} devices; "
+            f"use a divisor of {devices} (1 runs one batch at a time)")
+  if groups > 1 and _is_int(inv.batch_size) and inv.batch_size % (devices // groups):
+    return (f"inversion.parallel_batches: inversion.batch_size = {inv.batch_size} does not split "
+            f"over the {devices // groups} devices of each of the {groups} batches; pick "
+            f"parallel_batches so that batch_size is a multiple of {devices} / parallel_batches")
+  return None
+
+
 def _check_stops(stops, config):
   """SMI's stops: iterations at which sparse inversion drops patches; () = it never drops (dense)."""
   last = config.inversion.iterations - 1
@@ -193,6 +214,7 @@ FIELD_RULES = {
     "inversion.dense_mask": _choice("inversion.dense_mask"),
     "inversion.bank_dtype": _choice("inversion.bank_dtype"),
     "inversion.log_every": _int_at_least(1),
+    "inversion.parallel_batches": _check_parallel_batches,
     "distill.epochs": POSITIVE,
     "distill.batch_size": _int_at_least(1),
     "distill.lr": POSITIVE,

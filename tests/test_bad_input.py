@@ -245,3 +245,27 @@ def test_cli_out_of_range_value_stops_before_any_stage(tmp_path):
       "error: inversion.stops: (2, 4, 60) is not allowed; use strictly increasing ints in [1, 7] "
       "(below inversion.iterations = 8), or () to never drop patches")
   assert not workdir.exists()
+
+
+def test_parallel_batches_must_divide_the_bank_and_relaxes_the_batch_split(tmp_path):
+  """inversion.parallel_batches = G: G divides num_batches and the 8 devices (conftest), and each
+  batch splits over 8 / G devices only, so a batch of 12 is refused at G=1 and accepted at G=2."""
+  config = _config(tmp_path / "a", inversion__num_batches=4, inversion__parallel_batches=3)
+  with pytest.raises(validate.InputError) as err:
+    validate.check_config(config)
+  assert str(err.value) == ("inversion.parallel_batches: 3 does not divide inversion.num_batches = 4; "
+                            "use a divisor of it (1 runs one batch at a time)")
+  config = _config(tmp_path / "b", inversion__num_batches=4, inversion__parallel_batches=4,
+                   inversion__batch_size=9)
+  with pytest.raises(validate.InputError) as err:
+    validate.check_config(config)
+  assert str(err.value).startswith("inversion.parallel_batches: inversion.batch_size = 9 does not split "
+                                   "over the 2 devices of each of the 4 batches")
+  config = _config(tmp_path / "c", inversion__batch_size=12, distill__batch_size=8)
+  with pytest.raises(validate.InputError, match="inversion.batch_size: 12 is not divisible by the 8"):
+    validate.check_config(config)
+  config.inversion.parallel_batches = 2
+  validate.check_config(config)
+  config.methods = ("fedmitr", "dense")  # the generator baselines split inversion.batch_size over all 8
+  with pytest.raises(validate.InputError, match="inversion.batch_size: 12 is not divisible by the 8"):
+    validate.check_config(config)

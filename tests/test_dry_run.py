@@ -108,3 +108,24 @@ def test_distillation_memory_holds_the_bank_in_its_dtype():
   values = sum(np.prod(shape) for key, (shape, _) in shapes.items() if key in synthetic_bank.REAL_KEYS)
   assert peaks["float32"] > 4 * values  # the float32 bank's images and soft targets are in the peak
   assert peaks["float32"] - peaks["bfloat16"] == pytest.approx(2 * values, rel=0.02)  # 2 bytes a value less
+
+
+@pytest.mark.slow  # compiles the inversion step twice (~several s on 2 shared cores)
+def test_parallel_batches_dry_run_compiles_g_batches_on_g_by_d_over_g_devices():
+  """inversion.parallel_batches=2: one step of both batches, vmapped on the 2 x 4 mesh, where a
+  batch of 12 (not a multiple of 8) splits over 4 devices; the steps halve and the FLOPs per step
+  double, so the stage's total work is G=1's."""
+  from fedmitr_jax import config_base
+  lines = {}
+  for groups, batch in ((1, 16), (2, 16), (2, 12)):
+    c = config_base.base_config()
+    c.methods, c.model.variant, c.dataset.image_size = ("sparse_kd",), "test/8", 16
+    c.inversion.num_batches, c.inversion.batch_size, c.inversion.parallel_batches = 4, batch, groups
+    c.inversion.iterations, c.inversion.stops = 10, (5,)
+    lines[groups, batch] = {line["stage"]: line for line in dry_run.inversion_stages(dry_run.Setup(c))}
+  one, two = lines[1, 16], lines[2, 16]
+  assert list(one) == list(two) == ["inversion_sparse/4_tokens", "inversion_sparse/2_tokens"]
+  for stage in one:
+    assert two[stage]["devices"] == 8 and two[stage]["steps"] * 2 == one[stage]["steps"]
+    assert two[stage]["tflop_per_step"] == pytest.approx(2 * one[stage]["tflop_per_step"], rel=0.05)
+  assert lines[2, 12]["inversion_sparse/2_tokens"]["steps"] == 10

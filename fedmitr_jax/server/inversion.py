@@ -12,7 +12,6 @@ numbers (fold_in of the iteration), the best iterate and the non-finite check st
 and the host only sees the loop's end, split at the log points (one dispatch per log_every
 iterations instead of several per iteration).
 """
-import functools
 
 import flax
 import jax
@@ -128,7 +127,12 @@ def make_prune(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
   """prune(pixels, keep_idx, client_params, weights, n_keep) -> the top-n_keep of keep_idx by
   ensemble CLS attention, sorted by position."""
 
-  @functools.partial(jax.jit, static_argnums=4)
+  return jax.jit(make_prune_fn(model, cfg, rule), static_argnums=4)
+
+
+def make_prune_fn(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
+  """make_prune's function, not jitted (the grouped inverter vmaps it)."""
+
   def prune(pixels, keep_idx, client_params, weights, n_keep):
     out = ensemble.ensemble_outputs(model, client_params, weights, pixels, keep_idx=keep_idx,
                                     mode=cfg.teachers_mode, need_attention=True, rule=rule)
@@ -141,8 +145,12 @@ def make_prune(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
 def make_soft_labels(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
   """Final ensemble outputs on whole images: per-teacher image logits (combined later, by the
   distillation loss) and the combined per-token probs."""
+  return jax.jit(make_soft_labels_fn(model, cfg, rule))
 
-  @jax.jit
+
+def make_soft_labels_fn(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
+  """make_soft_labels' function, not jitted (the grouped inverter vmaps it)."""
+
   def soft_labels(pixels, client_params, weights):
     logits, out = ensemble.per_teacher(model, client_params, pixels, None, False, cfg.teachers_mode)
     token_probs = ensemble.combine(jax.nn.softmax(out["token_logits"], -1), rule, space="prob",
@@ -160,13 +168,22 @@ def balanced_labels(rng_seed: int, batch: int, num_classes: int) -> np.ndarray:
 
 class Inverter:
   """The jitted pieces of one inversion setup, compiled once and reused for every batch
-  (one compilation per token count)."""
+  (one compilation per token count). The `group_*` pieces run G batches at once
+  (`synthesize_group`): the same functions vmapped over a leading batch-number axis; jit compiles
+  them lazily, so a run that never groups never compiles them."""
 
   def __init__(self, model, cfg, image_size: int, rule: ensemble.Rule = ensemble.MEAN):
     self.model, self.cfg, self.image_size = model, cfg, image_size
     self.loop = jax.jit(make_inversion_loop(model, cfg, image_size, rule), donate_argnums=0)
     self.prune = make_prune(model, cfg, rule)
     self.soft_labels = make_soft_labels(model, cfg, rule)
+    # Per batch: state, labels, rng, first_bad; shared: client_params, weights, start, stop.
+    self.group_loop = jax.jit(jax.vmap(make_inversion_loop(model, cfg, image_size, rule),
+                                       in_axes=(0, 0, None, None, 0, None, None, 0)), donate_argnums=0)
+    prune_fn = make_prune_fn(model, cfg, rule)
+    self.group_prune = jax.jit(lambda pixels, keep_idx, client_params, weights, n_keep: jax.vmap(
+        lambda p, k: prune_fn(p, k, client_params, weights, n_keep))(pixels, keep_idx), static_argnums=4)
+    self.group_soft_labels = jax.jit(jax.vmap(make_soft_labels_fn(model, cfg, rule), in_axes=(0, None, None)))
 
 
 def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *, sparse: bool,
@@ -175,15 +192,51 @@ def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *,
   teacher_logits [B, K, C], token_probs [B, N, C], plus the seconds spent and tokens per stage."""
   model, cfg, image_size = inverter.model, inverter.cfg, inverter.image_size
   num_patches = (image_size // model.patch_size) ** 2
+  state = jax.tree.map(shard, init_state(cfg, rng, len(labels), image_size, num_patches))
+  pieces = (inverter.loop, inverter.prune, inverter.soft_labels,
+            lambda keep_idx: patches.index_to_mask(keep_idx, num_patches))
+  return _invert(inverter, pieces, state, shard(jnp.asarray(labels)), rng, client_params, weights,
+                 sparse=sparse, stage_name=stage_name, first_bad=shard(jnp.array(-1, jnp.int32)),
+                 images=len(labels))
+
+
+def synthesize_group(inverter: Inverter, client_params, weights, labels, rngs, *, sparse: bool,
+                     stage_name: str, shard=lambda x: x):
+  """Inverts G batches at once: `labels` [G, B], `rngs` G keys, one per batch. Batch g is inverted
+  exactly as `synthesize_batch(..., labels[g], rngs[g])` would (its own targets, initial pixels and
+  augmentation stream), up to float rounding. `shard` places [G, ...] arrays (batch-number axis
+  first). Returns synthesize_batch's arrays with a leading G axis, and the group's facts."""
+  model, cfg, image_size = inverter.model, inverter.cfg, inverter.image_size
+  num_patches = (image_size // model.patch_size) ** 2
+  labels = np.asarray(labels)
+  # Each batch's initial state built alone, then stacked: the same initial pixels as run alone.
+  states = [init_state(cfg, rng, labels.shape[1], image_size, num_patches) for rng in rngs]
+  state = jax.tree.map(lambda *xs: shard(jnp.stack(xs)), *states)
+  pieces = (inverter.group_loop, inverter.group_prune, inverter.group_soft_labels,
+            jax.vmap(lambda keep_idx: patches.index_to_mask(keep_idx, num_patches)))
+  return _invert(inverter, pieces, state, shard(jnp.asarray(labels)), jnp.stack(rngs), client_params,
+                 weights, sparse=sparse, stage_name=stage_name,
+                 first_bad=shard(jnp.full((len(labels),), -1, jnp.int32)), images=labels.size)
+
+
+def _batches_mean(x):
+  """A group logs the mean over its batches; one batch logs its own value."""
+  return jnp.mean(x) if jnp.ndim(x) else x
+
+
+def _invert(inverter, pieces, state, labels, rng, client_params, weights, *, sparse, stage_name,
+            first_bad, images):
+  """The stages between stops of one batch (or a group of them: `pieces` vmapped, every array with
+  a leading batch-number axis). `pieces` = (loop, prune, soft_labels, index_to_mask)."""
+  model, cfg, image_size = inverter.model, inverter.cfg, inverter.image_size
+  loop, prune, soft_labels, index_to_mask = pieces
+  num_patches = (image_size // model.patch_size) ** 2
   stops = active_stops(cfg, sparse)
   counts = keep_counts(num_patches, len(stops), cfg.drop_ratio)
-  state = jax.tree.map(shard, init_state(cfg, rng, len(labels), image_size, num_patches))
-  labels = shard(jnp.asarray(labels))
-  loop, prune = inverter.loop, inverter.prune
-  progress = Progress(stage_name, cfg.iterations, len(labels))
+  progress = Progress(stage_name, cfg.iterations, images)
   guard = guards.FiniteGuard(stage_name, "inversion.lr")
   # Placed like the loop's output, so the first chunk does not compile the loop a second time.
-  guard.first_bad = shard(guard.first_bad)
+  guard.first_bad = first_bad
   bounds = [0] + stops + [cfg.iterations]
   for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
     if stage > 0:  # a stop: rank with the current pixels, keep the top, restart the best iterate
@@ -195,7 +248,12 @@ def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *,
                                              guard.first_bad)
       progress.step_done(end)  # the first chunk paid the compilation: rates count from its end
       if end % cfg.log_every == 0 or end == cfg.iterations:
-        progress.report(end, loss=metrics["loss"], ce=metrics["ce"], tokens=counts[stage])
+        progress.report(end, loss=_batches_mean(metrics["loss"]), ce=_batches_mean(metrics["ce"]),
+                        tokens=counts[stage])
+  if jnp.ndim(guard.first_bad):  # a group: the earliest bad step of any of its batches
+    bad = guard.first_bad
+    guard.first_bad = jnp.min(jnp.where(bad < 0, jnp.iinfo(jnp.int32).max, bad))
+    guard.first_bad = jnp.where(guard.first_bad == jnp.iinfo(jnp.int32).max, -1, guard.first_bad)
   guard.check()  # the bank is saved per batch: a NaN batch never joins it
   # The best iterate of the last stage (dropped patches are identical across its iterates).
   final = state.best_pixels
@@ -204,11 +262,10 @@ def synthesize_batch(inverter: Inverter, client_params, weights, labels, rng, *,
     # Dense inversion has no stops; for token relabel, rank its final image the same way.
     for n_keep in keep_counts(num_patches, len(active_stops(cfg, True)), cfg.drop_ratio)[1:]:
       keep_idx = prune(final, keep_idx, client_params, weights, n_keep)
-  teacher_logits, token_probs = inverter.soft_labels(final, client_params, weights)
+  teacher_logits, token_probs = soft_labels(final, client_params, weights)
   jax.block_until_ready(token_probs)
   return {  # to_host: the whole batch on every process in multi-process runs
       "images": sharding.to_host(final), "labels": sharding.to_host(labels),
-      "masks": sharding.to_host(patches.index_to_mask(keep_idx, num_patches)),
+      "masks": sharding.to_host(index_to_mask(keep_idx)),
       "teacher_logits": sharding.to_host(teacher_logits), "token_probs": sharding.to_host(token_probs),
   }, {"seconds": progress.elapsed(), "tokens_per_stage": counts}
-
