@@ -55,6 +55,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# The smoke config with a smaller inversion (one stop, 4 iterations): a multi-process test checks
+# that the processes agree, not what the bank holds.
+SMALL_INVERSION = ("--config.inversion.iterations=4", "--config.inversion.stops=(2,)")
+
+
+def run_one_process(command, cwd, devices: int, timeout_s: float) -> None:
+  """The reference run: one process with `devices` CPU devices; fails the test if it fails."""
+  result = subprocess.run(command, cwd=cwd, env=env(devices), capture_output=True, text=True,
+                          timeout=timeout_s)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 def run_two_processes(command, cwd, spy_dir: pathlib.Path, timeout_s: float):
   """`command` as processes 0 and 1 at once; returns [(returncode, stdout, stderr, written paths)]
   by process id. If one fails, the other (which would wait for it in a collective) is stopped at

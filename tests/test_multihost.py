@@ -13,22 +13,18 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from loopback import env, load_numpy, run_two_processes
+from loopback import SMALL_INVERSION, load_numpy, run_one_process, run_two_processes
 
 pytestmark = pytest.mark.slow  # processes joined over loopback, each running the entry point
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "sparse_kd", "fedmitr")
 DISTILLED = ("distill_sparse_kd", "distill_fedmitr")
-# A smaller inversion than the smoke config's (one stop, 4 iterations) keeps run A short; the
-# bank's contents do not matter here, only that both runs distil the same one.
-OVERRIDES = (f"--config.methods={METHODS!r}", "--config.inversion.iterations=4",
-             "--config.inversion.stops=(2,)")
+OVERRIDES = (f"--config.methods={METHODS!r}", *SMALL_INVERSION)
 TIMEOUT_S = 240  # a hung collective fails the test instead of blocking CI
 
 
@@ -41,9 +37,7 @@ def _command(workdir) -> list:
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   one, two = root / "one_process", root / "two_processes"
-  first = subprocess.run(_command(one), cwd=REPO, env=env(2), capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
-  assert first.returncode == 0, first.stderr[-3000:]
+  run_one_process(_command(one), REPO, 2, TIMEOUT_S)
   shutil.copytree(one, two)
   for stage in DISTILLED:
     shutil.rmtree(two / "stages" / stage)

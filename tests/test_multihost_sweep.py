@@ -14,13 +14,12 @@ exactly, no tolerance.
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from loopback import env, load_numpy, run_two_processes
+from loopback import SMALL_INVERSION, load_numpy, run_one_process, run_two_processes
 
 pytestmark = pytest.mark.slow  # two sweeps of the entry point, one of them as two joined processes
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,9 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "ensemble", "fedmitr", "dense")
 ALPHAS, SEEDS = (0.5,), (0,)  # one run per sweep: each costs minutes as two processes
 RUNS = [f"alpha{a:g}_seed{s}" for a in ALPHAS for s in SEEDS]
-# The smoke config with a smaller inversion (one stop, 4 iterations), as in test_multihost.py.
-OVERRIDES = (f"--config.methods={METHODS!r}", "--config.inversion.iterations=4",
-             "--config.inversion.stops=(2,)")
+OVERRIDES = (f"--config.methods={METHODS!r}", *SMALL_INVERSION)
 REPORT = ("sweep.md", "sweep_diagnostics.md", "sweep.csv", "sweep.json", "sweep.png")
 TIMEOUT_S = 1200  # per sweep: a hung collective fails the test instead of blocking CI
 
@@ -51,9 +48,7 @@ def _command(workdir) -> list:
 def sweeps(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost_sweep")
   one, two = root / "one_process", root / "two_processes"
-  first = subprocess.run(_command(one), cwd=REPO, env=env(2), capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
-  assert first.returncode == 0, first.stderr[-3000:]
+  run_one_process(_command(one), REPO, 2, TIMEOUT_S)
   procs = run_two_processes(_command(two), REPO, root / "spy", TIMEOUT_S)
   again = run_two_processes(_command(two), REPO, root / "spy_again", TIMEOUT_S)
   for pid, (code, out, err, _) in enumerate(procs + again):
