@@ -80,7 +80,7 @@ def teacher_diagnostics(model, client_params, images, labels, batch_size: int, w
   num_clients, n = jax.tree.leaves(client_params)[0].shape[0], len(images)
   members = np.arange(num_clients) if members is None else np.asarray(members)  # the ensemble's clients
   host_weights = np.asarray(weights, np.float32)
-  client_params = evaluate.replicated_params(mesh, client_params)
+  client_params = sharding.replicate_anywhere(mesh, client_params)
   w, device_members = sharding.replicate(mesh, (host_weights, members.astype(np.int32)))
   teacher_batch, split = jit_teacher_batch(model, mesh, image_size, rule), NamedSharding(mesh, P("data"))
   predictions = np.zeros((num_clients + 1, n), np.int64)

@@ -66,11 +66,6 @@ def jit_predict(model, mesh: Mesh, token_weight: float = 0.0, image_size: int | 
   return jax.jit(predict, in_shardings=(NamedSharding(mesh, P()), split), out_shardings=split)
 
 
-def replicated_params(mesh: Mesh, params):
-  """Parameters (numpy, on one device, or global arrays of another stage) replicated on `mesh`."""
-  return sharding.replicate_anywhere(mesh, params)
-
-
 def predicted_labels(model, params, images, batch_size: int, token_weight: float = 0.0,
                      image_size: int | None = None, mesh: Mesh | None = None) -> np.ndarray:
   """The predicted class of every image, int64 [N], on `mesh` (all devices by default). image_size:
@@ -78,7 +73,7 @@ def predicted_labels(model, params, images, batch_size: int, token_weight: float
   mesh = mesh or sharding.data_mesh()
   sharding.check_divisible(batch_size, "eval.batch_size")
   predict, split = jit_predict(model, mesh, token_weight, image_size), NamedSharding(mesh, P("data"))
-  params = replicated_params(mesh, params)
+  params = sharding.replicate_anywhere(mesh, params)
   out = np.zeros(len(images), np.int64)
   for start, stop in batches(len(images), batch_size):
     predictions = predict(params, sharding.put_global(padded(images, start, stop, batch_size), split))
