@@ -26,10 +26,10 @@ dense_relabel, fedavg) in sweep.md at alpha 0.1. DENSE's CNN table (5 clients, a
 pretrained ViTs are far stronger, so compare the ordering fedavg < data-free students < ensemble
 only, not the numbers.
 
-Cost (estimated from XLA's FLOP counts, not measured): one Ti/16 run with 5 clients is about
-0.58 EFLOP, 77% of it the dense bank (the dense baselines need it): ~1.6 h at a sustained
-100 TFLOP/s (one H100 might sustain less on Ti's narrow matmuls). 10 clients double the
-synthesis; S/16 costs 3.5x Ti/16.
+Cost: one Ti/16 run with 5 clients is 0.68 EFLOP by XLA's counts (the dry run), 68% of it the
+dense bank (the dense baselines need it). One H200 sustained 60-80 TFLOP/s on its clients and
+dense bank (Ti's narrow matmuls; docs/launching.md), so a full run takes ~3.6 h on one H200 (that
+figure extrapolates measured stage rates). 10 clients double the synthesis; S/16 costs 3.5x Ti/16.
 """
 from fedmitr_jax import config_base
 

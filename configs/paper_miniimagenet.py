@@ -21,8 +21,8 @@ Compare with: FedMITR's published gain over the best baseline at Dir(0.1) on Min
 +7.93 points (absolute accuracies are not public): fedmitr - max(fedavg, dense_kd, sparse_kd,
 dense_relabel) in sweep.md at alpha 0.1.
 
-Cost (estimated from FLOP counts, not measured): as configs/paper_cifar10.py (~0.58 EFLOP for
-Ti/16 with 5 clients, ~1.6 h at a sustained 100 TFLOP/s); host memory ~9 GB for the decoded
+Cost: as configs/paper_cifar10.py (0.68 EFLOP for Ti/16 with 5 clients, ~3.6 h on one
+H200 at the rates measured there); host memory ~9 GB for the decoded
 224-px images, banks ~0.3 GB more than CIFAR-10's for the 100-class token labels.
 """
 from fedmitr_jax import config_base

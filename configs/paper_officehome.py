@@ -34,8 +34,8 @@ points (absolute accuracies are not public): fedmitr - max(fedavg, dense_kd, spa
 dense_relabel) in sweep.md at alpha 0.1. Our split and pooling are our own, so only the gain is
 comparable.
 
-Cost (estimated from FLOP counts, not measured): like configs/paper_cifar10.py (~0.58 EFLOP for
-Ti/16 with 5 clients, ~1.6 h at a sustained 100 TFLOP/s): the synthetic banks dominate and have
+Cost: as configs/paper_cifar10.py (0.68 EFLOP for Ti/16 with 5 clients, ~3.6 h on one
+H200 at the rates measured there): the synthetic banks dominate and have
 the same size; the 12.5k training images cost little.
 """
 import os

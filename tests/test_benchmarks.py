@@ -37,3 +37,19 @@ def test_variant_computes_the_shipped_loss(step_variants, shipped_loss, name):
     step_variants.use_model_variant("current")
   assert variant == pytest.approx(shipped_loss, rel=1e-4)
   assert vit.SelfAttention is step_variants.ORIGINAL_ATTENTION and vit.nn is step_variants.nn
+
+
+def test_inversion_step_paper_reports_every_token_count():
+  """benchmarks/inversion_step_paper.py at tiny shapes: one time per count of SMI's schedule, and the ratio."""
+  import json
+  import subprocess
+  from fedmitr_jax.server import inversion
+  out = subprocess.run([sys.executable, str(_BENCH / "inversion_step_paper.py"), "--variant", "test/4", "--image",
+                        "16", "--batch", "4", "--teachers", "2", "--dtype", "float32", "--repeats", "1",
+                        "--matmul", "64"], capture_output=True, text=True, check=True).stdout
+  lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  counts = inversion.keep_counts(16, 4, 0.3)
+  timed = {line["tokens"]: line["step_s"] for line in lines if "tokens" in line}
+  assert sorted(timed) == sorted(counts) and all(s > 0 for s in timed.values())
+  assert lines[-1]["counts"] == counts and lines[-1]["smi_weighted_dense_over_sparse"] > 0
+  assert any("matmul_bf16_n" in line for line in lines)
