@@ -143,6 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.tau = 4.0                  # KD temperature on the CLS head
   c.distill.beta = 0.5                 # weight of the token term (LV-ViT's 0.5)
   c.distill.relabel_target = "token"   # background patches learn: 'token' (per-token ensemble) | 'image'
+  c.distill.background_temperature = 1.0  # background targets q^(1/T), renormalised; 1 = as stored (paper)
   c.distill.zero_background = False    # False: the student sees every patch ("all patches", paper)
   c.distill.shift_patches = 1          # augmentation: roll by whole patches + flip, labels move along
   c.distill.flip = True

@@ -103,6 +103,40 @@ def teacher_diagnostics(model, client_params, images, labels, batch_size: int, w
   return {"clients": rows[:num_clients], "ensemble": rows[num_clients]}
 
 
+def _entropy(probs):
+  probs = np.asarray(probs, np.float64)
+  return -np.sum(probs * np.log(np.maximum(probs, 1e-12)), -1)
+
+
+def bank_targets(bank: dict, rule=ensemble.MEAN, weights=None) -> dict:
+  """What a synthetic bank's stored targets teach, measured on the synthetic images themselves:
+    image_acc / image_entropy: the ensemble (its teachers' softmaxes combined by `rule`, T = 1) on
+      each image: share whose argmax is the label the image was inverted for, mean entropy (nats);
+    token_acc_kept / token_entropy_kept: the per-token soft labels (`token_probs`) of the kept
+      patches (the ones token relabel trains on the hard label): share naming the label, entropy;
+    token_acc_dropped / token_entropy_dropped: the same for the dropped (background) patches,
+      whose soft labels token relabel trains on (None when the bank keeps every patch);
+    kept_share: mean share of kept patches.
+  Near-uniform dropped-token labels (entropy near ln C) teach the background patches nothing."""
+  labels, masks = np.asarray(bank["labels"]), np.asarray(bank["masks"], bool)
+  teacher_probs = jax.nn.softmax(jnp.asarray(bank["teacher_logits"], jnp.float32), -1)
+  probs = np.asarray(ensemble.combine(teacher_probs, rule, space="prob", weights=weights, axis=1))
+  token_probs = np.asarray(bank["token_probs"], np.float32)
+  token_entropy, token_hit = _entropy(token_probs), token_probs.argmax(-1) == labels[:, None]
+
+  def over(selected):
+    if not selected.any():
+      return None, None
+    return float(token_hit[selected].mean()), float(token_entropy[selected].mean())
+
+  acc_kept, entropy_kept = over(masks)
+  acc_dropped, entropy_dropped = over(~masks)
+  return {"images": int(len(labels)), "image_acc": float((probs.argmax(-1) == labels).mean()),
+          "image_entropy": float(_entropy(probs).mean()), "kept_share": float(masks.mean()),
+          "token_acc_kept": acc_kept, "token_entropy_kept": entropy_kept,
+          "token_acc_dropped": acc_dropped, "token_entropy_dropped": entropy_dropped}
+
+
 def summary(teachers: dict, per_class: dict, class_names) -> dict:
   """results.json's "diagnostics": the token diagnostics of every client and the ensemble, and
   the per-class accuracies of every method (`per_class`: name -> list) and every client."""

@@ -208,7 +208,10 @@ def run_stages(config, dataset, workdir) -> dict:
   per_class = {name: entry.pop("per_class") for name, entry in methods.items()}  # -> diagnostics
   results = {"methods": methods, "clients": client_rows, "inversion": bank_facts,
              "client_training": store.load_facts("clients"),
-             "diagnostics": diagnostics.summary(teachers, per_class, dataset.class_names),
+             "diagnostics": {**diagnostics.summary(teachers, per_class, dataset.class_names),
+                             # the targets each bank stores, on its own synthetic images
+                             "banks": {kind: diagnostics.bank_targets(bank, rule, weights)
+                                       for kind, (bank, _) in banks.items()}},
              # Every test pass (clients, ensemble, FedAvg, students) splits its batches over the
              # data mesh of all devices (evaluate.py, diagnostics.py).
              "evaluation": {"devices": jax.device_count(), "batch_size": config.eval.batch_size},
@@ -230,4 +233,9 @@ def run_stages(config, dataset, workdir) -> dict:
   log(f"[evaluate] token entropy (uniform {diag['uniform_entropy']:.3f} nats) / token acc: "
       + " ".join(f"{row['token_entropy']:.3f}/{100 * row['token_acc']:.1f}%" for row in diag["clients"])
       + f"; ensemble {diag['ensemble']['token_entropy']:.3f}/{100 * diag['ensemble']['token_acc']:.1f}%")
+  for kind, row in diag["banks"].items():
+    dropped = ("" if row["token_acc_dropped"] is None else
+               f", dropped {row['token_entropy_dropped']:.3f}/{100 * row['token_acc_dropped']:.1f}%")
+    log(f"[evaluate] {kind} bank targets: image {row['image_entropy']:.3f}/{100 * row['image_acc']:.1f}%, "
+        f"kept tokens {row['token_entropy_kept']:.3f}/{100 * row['token_acc_kept']:.1f}%{dropped}")
   return results

@@ -222,6 +222,7 @@ FIELD_RULES = {
     "distill.warmup_fraction": FRACTION,
     "distill.grad_clip": POSITIVE,
     "distill.tau": POSITIVE,
+    "distill.background_temperature": POSITIVE,
     "distill.beta": NON_NEGATIVE,
     "distill.relabel_target": _choice("distill.relabel_target"),
     "distill.zero_background": FLAG,

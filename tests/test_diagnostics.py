@@ -225,3 +225,28 @@ def test_one_client_run_reports_its_accuracy_and_diagnostics(tmp_path):
   assert saved["diagnostics"]["class_names"] == ["a", "b", "c"]
   for name in ("per_class.png", "partition.png", "results.md"):
     assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_bank_targets_against_a_hand_computation():
+  """Two images, three patches, two classes: image_acc / entropies / token accuracies by hand."""
+  half, sure = [0.5, 0.5], [0.9, 0.1]
+  bank = {"labels": np.array([0, 1], np.int32),
+          "masks": np.array([[True, False, False], [True, True, False]]),
+          # teacher 0 says class 0, teacher 1 says class 1 with the same margin: image 0 ties
+          # (mean [0.5, 0.5], argmax 0 = its label), image 1 favours class 1 under both teachers
+          "teacher_logits": np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 2.0], [0.0, 2.0]]], np.float32),
+          "token_probs": np.array([[sure, half, [0.2, 0.8]], [[0.1, 0.9], sure, half]], np.float32)}
+  row = diagnostics.bank_targets(bank)
+  h = lambda p: -sum(x * np.log(x) for x in p)
+  p1 = 1 / (1 + np.exp(-2.0))
+  assert row["images"] == 2 and row["kept_share"] == pytest.approx(0.5)
+  assert row["image_acc"] == pytest.approx(1.0)
+  assert row["image_entropy"] == pytest.approx((np.log(2) + h([1 - p1, p1])) / 2, rel=1e-5)
+  # kept: image 0 patch 0 (argmax 0 = label 0), image 1 patches 0 (argmax 1 = label) and 1 (argmax 0)
+  assert row["token_acc_kept"] == pytest.approx(2 / 3)
+  assert row["token_entropy_kept"] == pytest.approx((h(sure) + h([0.1, 0.9]) + h(sure)) / 3, rel=1e-5)
+  # dropped: image 0 patches 1 (tie: argmax 0 = label) and 2 (argmax 1), image 1 patch 2 (tie: 0)
+  assert row["token_acc_dropped"] == pytest.approx(1 / 3)
+  assert row["token_entropy_dropped"] == pytest.approx((np.log(2) + h([0.2, 0.8]) + np.log(2)) / 3, rel=1e-5)
+  every = diagnostics.bank_targets({**bank, "masks": np.ones((2, 3), bool)})
+  assert every["token_acc_dropped"] is None and every["token_entropy_dropped"] is None

@@ -55,6 +55,28 @@ def test_relabel_loss_matches_hand_computation():
   assert not np.isclose(float(image_level), float(loss))
 
 
+def test_background_temperature_sharpens_only_the_background_targets():
+  """T = 1 is the stored targets exactly; T = 0.25 trains the background on q^4 / sum q^4 and
+  leaves the kept tokens' hard term and the KD term as they were."""
+  bank = _bank(n=2)
+  rng = np.random.default_rng(2)
+  cls_logits = rng.normal(size=(2, 5)).astype(np.float32)
+  token_logits = rng.normal(size=(2, 16, 5)).astype(np.float32)
+  kw = dict(tau=4.0, beta=0.5, relabel_target="token")
+  plain = distill.relabel_loss(cls_logits, token_logits, bank, **kw)
+  same = distill.relabel_loss(cls_logits, token_logits, bank, background_temperature=1.0, **kw)
+  assert float(plain[0]) == float(same[0])
+  loss, terms = distill.relabel_loss(cls_logits, token_logits, bank, background_temperature=0.25, **kw)
+  q = bank["token_probs"].astype(np.float64) ** 4
+  q /= q.sum(-1, keepdims=True)
+  log_s = np.asarray(jax.nn.log_softmax(token_logits, -1), np.float64)
+  background = ~bank["masks"]
+  np.testing.assert_allclose(float(terms["token_bg"]), np.sum(-np.sum(q * log_s, -1)[background]) / background.sum(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(terms["token_fg"]), float(plain[1]["token_fg"]), rtol=1e-6)
+  np.testing.assert_allclose(float(terms["kd"]), float(plain[1]["kd"]), rtol=1e-6)
+
+
 def test_roll_flip_moves_patches_with_their_index():
   images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
   idx = jnp.broadcast_to(jnp.arange(16), (3, 16))

@@ -32,6 +32,12 @@ def test_smoke_run_writes_all_results_and_pictures(smoke_run):
     assert 0.0 <= row["token_entropy"] <= diag["uniform_entropy"] + 1e-6 and 0.0 <= row["token_acc"] <= 1.0
   for per_class in list(diag["per_class"].values()) + [c["per_class"] for c in diag["clients"]]:
     assert len(per_class) == 10 and all(0.0 <= a <= 1.0 for a in per_class)
+  assert set(diag["banks"]) == {"dense", "sparse"}
+  for kind, row in diag["banks"].items():
+    assert row["images"] == results["inversion"][kind]["images"], kind
+    assert 0.0 <= row["image_acc"] <= 1.0 and 0.0 <= row["token_entropy_kept"] <= diag["uniform_entropy"] + 1e-6
+  assert diag["banks"]["sparse"]["kept_share"] == pytest.approx(results["inversion"]["sparse"]["mean_kept_fraction"])
+  assert 0.0 <= diag["banks"]["sparse"]["token_acc_dropped"] <= 1.0
   assert "| teacher | token entropy" in (workdir / "results.md").read_text()
   for name in ("results.md", "partition.png", "partition.json", "synthetic_sparse.png",
                "synthetic_dense.png", "per_class.png", "config.json", "metadata.json"):

@@ -47,11 +47,22 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=training.decay_mask))
 
 
+def sharpen(probs, temperature: float):
+  """probs^(1/T), renormalised over the last axis; T = 1 returns `probs` unchanged (the paper)."""
+  if temperature == 1.0:
+    return probs
+  logp = jnp.log(jnp.maximum(probs, 1e-12)) / temperature
+  return jax.nn.softmax(logp, -1)
+
+
 def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target, rule=ensemble.MEAN,
-                 teacher_weights=None):
+                 teacher_weights=None, background_temperature=1.0):
   """Returns (loss, terms). Token arrays are in the order of the bank's patch indices.
   The bank's per-teacher logits [B, K, C] are combined by `rule` (ensemble.combine); the mean
-  rule with `teacher_weights` None is the plain mean over teachers."""
+  rule with `teacher_weights` None is the plain mean over teachers. `background_temperature` T
+  sharpens the background tokens' soft targets (q^(1/T), renormalised; 1 = the stored targets):
+  an ensemble of non-IID clients gives flat per-token labels whose argmax is mostly right
+  (docs/diagnostics.md, bank targets)."""
   combine = lambda probs: ensemble.combine(probs, rule, space="prob", weights=teacher_weights, axis=1)
   teacher_soft = combine(jax.nn.softmax(batch["teacher_logits"] / tau, -1))  # [B, C]
   student_log = jax.nn.log_softmax(cls_logits / tau, -1)
@@ -65,7 +76,7 @@ def relabel_loss(cls_logits, token_logits, batch, *, tau, beta, relabel_target, 
       q = batch["token_probs"]
     else:  # the image-level ensemble label (T = 1) on every background token
       q = combine(jax.nn.softmax(batch["teacher_logits"], -1))[:, None, :]
-    soft = -jnp.sum(q * token_log, -1)
+    soft = -jnp.sum(sharpen(q, background_temperature) * token_log, -1)
     m = batch["masks"].astype(jnp.float32)
     terms["token_fg"] = jnp.sum(m * hard) / jnp.maximum(m.sum(), 1.0)
     terms["token_bg"] = jnp.sum((1 - m) * soft) / jnp.maximum((1 - m).sum(), 1.0)
@@ -99,7 +110,8 @@ def make_distill_step(model, tx, cfg, rule=ensemble.MEAN, teacher_weights=None):
                                                     max_shift=cfg.shift_patches, flip=cfg.flip)
     cls_logits, out = model.apply({"params": params}, augmented, keep_idx=positions)
     return relabel_loss(cls_logits, out["token_logits"], batch, tau=cfg.tau, beta=cfg.beta,
-                        relabel_target=cfg.relabel_target, rule=rule, teacher_weights=teacher_weights)
+                        relabel_target=cfg.relabel_target, rule=rule, teacher_weights=teacher_weights,
+                        background_temperature=cfg.background_temperature)
 
   def step(state: StudentState, batch, rng):
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
