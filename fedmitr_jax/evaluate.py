@@ -111,6 +111,14 @@ def diagnostics_markdown(diag: dict) -> list:
   rows = [(f"client {k}", row) for k, row in enumerate(diag["clients"])] + [("ensemble", diag["ensemble"])]
   for name, row in rows:
     lines.append(f"| {name} | {row['token_entropy']:.3f} | {100 * row['token_acc']:.2f} |")
+  if diag.get("banks"):  # the banks' stored targets on their own images (diagnostics.bank_targets)
+    cell = lambda row, kind: ("—" if row[f"token_acc_{kind}"] is None else
+                              f"{100 * row[f'token_acc_{kind}']:.1f} / {row[f'token_entropy_{kind}']:.3f}")
+    lines += ["", "| bank | ensemble on its images: acc (%) / entropy | kept tokens: acc (%) / entropy "
+              "| dropped tokens: acc (%) / entropy |", "|---|---|---|---|"]
+    for kind, row in diag["banks"].items():
+      lines.append(f"| {kind} | {100 * row['image_acc']:.1f} / {row['image_entropy']:.3f} | {cell(row, 'kept')} "
+                   f"| {cell(row, 'dropped')} |")
   return lines + ["", "Per-class test accuracy of every method and client: per_class.png "
                   "(numbers: results.json, diagnostics.per_class)."]
 

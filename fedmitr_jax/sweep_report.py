@@ -60,27 +60,43 @@ def aggregate(runs: dict, methods) -> dict:
   return table
 
 
-DIAGNOSTIC_ROWS = {  # row -> (teacher, key, scale): results.json's "diagnostics" on real test images
+DIAGNOSTIC_ROWS = {  # row -> (path in results.json's "diagnostics", key, scale)
+    # the teachers on real test images
     "clients token acc (%)": ("clients", "token_acc", 100.0),
     "ensemble token acc (%)": ("ensemble", "token_acc", 100.0),
     "clients token entropy (nats)": ("clients", "token_entropy", 1.0),
     "ensemble token entropy (nats)": ("ensemble", "token_entropy", 1.0),
+    # the sparse bank's stored targets on its own images (diagnostics.bank_targets)
+    "sparse bank: ensemble on its images, acc (%)": ("banks.sparse", "image_acc", 100.0),
+    "sparse bank: dropped-token labels, acc (%)": ("banks.sparse", "token_acc_dropped", 100.0),
+    "sparse bank: dropped-token labels, entropy (nats)": ("banks.sparse", "token_entropy_dropped", 1.0),
 }
+
+
+def _diagnostic(diagnostics: dict, path: str):
+  """The entry at a dotted `path` of a run's "diagnostics", or None where the run lacks it."""
+  for part in path.split("."):
+    if not isinstance(diagnostics, dict) or part not in diagnostics:
+      return None
+    diagnostics = diagnostics[part]
+  return diagnostics
 
 
 def aggregate_diagnostics(runs: dict) -> dict:
   """{alpha: {row: (mean, std, n)}} of the teachers' per-token evidence over seeds (rows:
   DIAGNOSTIC_ROWS; a "clients" value is first averaged over the run's clients). Runs without
-  diagnostics (older results) are left out of the counts."""
+  a row's diagnostics (older results, a run without a sparse bank) are left out of its count."""
   table = {}
   for alpha in sorted({a for a, _ in runs}):
     seeds = [s for a, s in sorted(runs) if a == alpha and "diagnostics" in runs[a, s]]
     rows = {}
-    for row, (teacher, key, scale) in DIAGNOSTIC_ROWS.items():
+    for row, (path, key, scale) in DIAGNOSTIC_ROWS.items():
       values = []
       for s in seeds:
-        entry = runs[alpha, s]["diagnostics"][teacher]
+        entry = _diagnostic(runs[alpha, s]["diagnostics"], path)
         entries = entry if isinstance(entry, list) else [entry]
+        if entry is None or any(e.get(key) is None for e in entries):  # older run, or no such bank
+          continue
         values.append(scale * sum(e[key] for e in entries) / len(entries))
       rows[row] = (*mean_std(values), len(values))
     table[alpha] = rows

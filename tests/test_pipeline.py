@@ -38,6 +38,7 @@ def test_smoke_run_writes_all_results_and_pictures(smoke_run):
     assert 0.0 <= row["image_acc"] <= 1.0 and 0.0 <= row["token_entropy_kept"] <= diag["uniform_entropy"] + 1e-6
   assert diag["banks"]["sparse"]["kept_share"] == pytest.approx(results["inversion"]["sparse"]["mean_kept_fraction"])
   assert 0.0 <= diag["banks"]["sparse"]["token_acc_dropped"] <= 1.0
+  assert "| sparse | " in (workdir / "results.md").read_text()
   assert "| teacher | token entropy" in (workdir / "results.md").read_text()
   for name in ("results.md", "partition.png", "partition.json", "synthetic_sparse.png",
                "synthetic_dense.png", "per_class.png", "config.json", "metadata.json"):

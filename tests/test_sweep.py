@@ -54,13 +54,18 @@ def test_diagnostics_are_averaged_over_clients_then_seeds(tmp_path):
     result["diagnostics"] = {"clients": [{"token_acc": a, "token_entropy": entropy} for a in client_accs],
                              "ensemble": {"token_acc": ensemble_acc, "token_entropy": entropy - 0.5}}
     return result
-  runs = {(0.1, 0): run((0.2, 0.4), 0.5, 2.0), (0.1, 1): run((0.1, 0.1), 0.3, 1.0),
+  with_bank = run((0.2, 0.4), 0.5, 2.0)
+  with_bank["diagnostics"]["banks"] = {"sparse": {"image_acc": 0.9, "token_acc_dropped": 0.6,
+                                                  "token_entropy_dropped": 2.0}}
+  runs = {(0.1, 0): with_bank, (0.1, 1): run((0.1, 0.1), 0.3, 1.0),  # seed 1: made before bank diagnostics
           (0.5, 0): _results({"fedmitr": 0.4})}  # an older result without diagnostics: not counted
   table = sweep_report.aggregate_diagnostics(runs)
   assert table[0.1]["clients token acc (%)"][:2] == (pytest.approx(20.0), pytest.approx(math.sqrt(200.0)))  # seeds: 30, 10
   assert table[0.1]["ensemble token acc (%)"][0] == pytest.approx(40.0)
   assert table[0.1]["ensemble token entropy (nats)"] == (pytest.approx(1.0), pytest.approx(math.sqrt(0.5)), 2)
   assert table[0.5]["clients token acc (%)"][2] == 0
+  assert table[0.1]["sparse bank: dropped-token labels, acc (%)"] == (pytest.approx(60.0), 0.0, 1)
+  assert table[0.1]["sparse bank: dropped-token labels, entropy (nats)"][2] == 1
   sweep_report.write_markdown(table, tmp_path / "d.md", "seeds 0, 1", what="Token evidence")
   text = (tmp_path / "d.md").read_text()
   assert "| ensemble token acc (%) | 40.00 ± 14.14 | — |" in text and "gain" not in text
