@@ -13,8 +13,9 @@ for label_flip, the malicious clients' own `clients_label_flip` stage, shared ac
   python benchmarks/robustness.py --root /tmp/robustness --table-only  # table from finished runs
 
 Rules: any of eval.ensemble_rule's values, plus 'mean+screen' (the mean with
-eval.screen_clients=True: flagged uploads dropped). A finished run (results.json present) is not
-rerun, and an unfinished one resumes from its checkpoints, so the command can be killed and
+eval.screen_clients=True: flagged uploads dropped; where the `mean` run of the same attack flagged
+nothing, its results are reused rather than recomputed, marked "reused_from"). A finished run
+(results.json present) is not rerun, and an unfinished one resumes from its checkpoints, so the command can be killed and
 restarted. Writes ROOT/robustness.md and ROOT/robustness.json: per run, every method's accuracy
 and its drop against the clean `mean` run of the same setting (the server as it was before
 robust rules), and screening's precision and recall against the true malicious clients.
@@ -94,6 +95,23 @@ def seed_workdir(setting: pathlib.Path, name: str, kind: str, malicious: int) ->
       shutil.copytree(sources[stage] / stage, target)
 
 
+def reuse_unscreened(setting: pathlib.Path, name: str, kind: str, malicious: int, rule: str) -> bool:
+  """A `<rule>+screen` run whose `<rule>` twin flagged no upload drops none, so it computes exactly
+  what the twin computed (screening runs, and flags, in both; only `eval.screen_clients` differs):
+  its results.json is the twin's, marked `"reused_from"`, instead of a second identical run."""
+  twin = setting / run_name(kind, malicious, rule.removesuffix("+screen")) / "results.json"
+  if not twin.exists():
+    return False
+  result = json.loads(twin.read_text())
+  if result["screening"]["flagged"]:
+    return False
+  result["reused_from"] = twin.parent.name
+  (setting / name).mkdir(parents=True, exist_ok=True)
+  (setting / name / "results.json").write_text(json.dumps(result, indent=2))
+  print(f"{setting / name}: screening flagged nothing in {twin.parent.name}, so its results stand", flush=True)
+  return True
+
+
 def execute(args, runs) -> None:
   """Runs what is not finished. A run that fails is recorded (FAILED file with the exit code and
   the log's last line) and the next one starts: a server stopped by a non-finite loss (exit 3) is
@@ -101,6 +119,8 @@ def execute(args, runs) -> None:
   for setting, name, kind, malicious, rule in runs:
     workdir = setting / name
     if (workdir / "results.json").exists() or (workdir / "FAILED").exists():
+      continue
+    if rule.endswith("+screen") and reuse_unscreened(setting, name, kind, malicious, rule):
       continue
     if name != "clean_mean":
       seed_workdir(setting, name, kind, malicious)

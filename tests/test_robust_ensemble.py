@@ -228,3 +228,18 @@ def test_robustness_plan_table_and_screening_scores(tmp_path):
   text, rows = bench.table(runs, ["ensemble"])
   assert rows[1]["ensemble_drop"] == pytest.approx(5.0) and rows[1]["screen_recall"] == 1.0
   assert "| 5 | scaled | 1 | median | 25.00 (+5.00) | [4] | 1.00 | 1.00 |" in text
+
+
+def test_a_screened_run_reuses_its_unscreened_twin_only_when_nothing_was_flagged(tmp_path):
+  bench = _bench()
+  setting = tmp_path / "clients5"
+  for name, flagged in [("label_flip_m1_mean", []), ("scaled_m1_mean", [4])]:
+    (setting / name).mkdir(parents=True)
+    (setting / name / "results.json").write_text(json.dumps({"methods": {"ensemble": {"test_acc": 0.3}},
+                                                             "screening": {"flagged": flagged}}))
+  assert bench.reuse_unscreened(setting, "label_flip_m1_mean+screen", "label_flip", 1, "mean+screen")
+  reused = json.loads((setting / "label_flip_m1_mean+screen" / "results.json").read_text())
+  assert reused["reused_from"] == "label_flip_m1_mean" and reused["methods"]["ensemble"]["test_acc"] == 0.3
+  assert not bench.reuse_unscreened(setting, "scaled_m1_mean+screen", "scaled", 1, "mean+screen")  # 4 dropped
+  assert not bench.reuse_unscreened(setting, "noise_m1_mean+screen", "noise", 1, "mean+screen")  # no twin yet
+  assert not (setting / "scaled_m1_mean+screen").exists()
