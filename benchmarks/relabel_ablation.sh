@@ -1,6 +1,6 @@
 #!/bin/bash
 # Token-relabel ablations on one finished sweep run: its partition, clients and synthetic banks are
-# copied into fresh workdirs, so only the fedmitr student is distilled again (~2 min each on a 2-core CPU).
+# copied into fresh workdirs, so only the fedmitr student is distilled again (~2-4 min each on a 2-core CPU).
 #   bash benchmarks/relabel_ablation.sh /tmp/sweeps/cifar10_cpu_full/alpha0.1_seed0 /tmp/ablate
 #   CONFIG=configs/cifar10_cpu_pretrained.py CONFIG_ARGS=backbone=/tmp/pretrain/backbone.npz \
 #     bash benchmarks/relabel_ablation.sh /tmp/sweeps/cifar10_cpu_pretrained/alpha0.1_seed0 /tmp/ablate_pt
@@ -31,3 +31,8 @@ variant beta0.25 --config.distill.beta=0.25
 variant beta1.0 --config.distill.beta=1.0
 variant image_target --config.distill.relabel_target=image
 variant zero_background --config.distill.zero_background=True
+variant bgT0.5 --config.distill.background_temperature=0.5
+variant bgT0.25 --config.distill.background_temperature=0.25
+variant bgT0.1 --config.distill.background_temperature=0.1
+variant beta0.05 --config.distill.beta=0.05
+variant beta0.1_bgT0.25 --config.distill.beta=0.1 --config.distill.background_temperature=0.25
