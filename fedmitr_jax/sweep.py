@@ -64,7 +64,9 @@ def write_report(config, workdir, runs) -> None:
   if any(rows["ensemble token acc (%)"][2] for rows in diagnostics.values()):
     sweep_report.write_markdown(diagnostics, workdir / "sweep_diagnostics.md", note,
                                 what="Teachers' per-token evidence on the test images (token acc: share of "
-                                "patch tokens whose argmax is the image label; entropy of the per-token softmax)")
+                                "patch tokens whose argmax is the image label; entropy of the per-token softmax) "
+                                "and, for the sparse bank, the same of its stored targets on its own images "
+                                "against the generated label (docs/diagnostics.md)")
   sweep_report.save_plot(table, workdir / "sweep.png",
                          f"{config.model.variant}, {config.partition.num_clients} clients, {note}")
 
