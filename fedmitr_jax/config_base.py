@@ -21,6 +21,7 @@ CHOICES = {
     "clients.mode": ("vmap", "loop"),
     "clients.optimizer": ("adamw", "sgd"),
     "inversion.teachers_mode": ("loop", "vmap"),
+    "inversion.target_space": ("prob", "logit"),
     "inversion.dense_mask": ("attention", "all"),
     "inversion.bank_dtype": ("float32", "bfloat16"),
     "distill.relabel_target": ("token", "image"),
@@ -114,6 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.inversion.jitter_patches = 1       # random roll by up to this many whole patches, each step
   c.inversion.flip = True
   c.inversion.teachers_mode = "loop"   # 'loop' (unrolled in jit; faster on CPU) | 'vmap'
+  # The ensemble whose CE to the label the pixels minimise: 'prob', the mean of the client
+  # softmaxes (the ensemble everywhere else); 'logit', the softmax of the mean client logits, as
+  # DENSE's and Co-Boosting's generators see it (sharper when few clients know a class).
+  c.inversion.target_space = "prob"
   # Dense inversion has no stops; 'attention' ranks its final images the same way to get the
   # foreground mask token relabel needs (dense_relabel), 'all' marks every patch foreground.
   c.inversion.dense_mask = "attention"

@@ -211,6 +211,7 @@ FIELD_RULES = {
     "inversion.jitter_patches": _int_at_least(0),
     "inversion.flip": FLAG,
     "inversion.teachers_mode": _choice("inversion.teachers_mode"),
+    "inversion.target_space": _choice("inversion.target_space"),
     "inversion.dense_mask": _choice("inversion.dense_mask"),
     "inversion.bank_dtype": _choice("inversion.bank_dtype"),
     "inversion.log_every": _int_at_least(1),

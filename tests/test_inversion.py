@@ -44,6 +44,19 @@ def test_ensemble_averages_probabilities_not_logits():
     np.testing.assert_allclose(out[key], vmapped[key], rtol=1e-4, atol=1e-6)
 
 
+def test_logit_target_space_is_the_softmax_of_the_weighted_mean_logits():
+  model, stacked, w = _teachers()
+  w = jnp.asarray([0.5, 0.3, 0.2])
+  x = jax.random.normal(jax.random.key(6), (4, 16, 16, 3))
+  out = ensemble.ensemble_outputs(model, stacked, w, x, target_space="logit")
+  logits = jnp.stack([model.apply({"params": jax.tree.map(lambda p: p[k], stacked)}, x)[0] for k in range(3)])
+  np.testing.assert_allclose(out["log_probs"], jax.nn.log_softmax(jnp.tensordot(w, logits, axes=1), -1),
+                             rtol=1e-5, atol=1e-6)
+  prob_space = ensemble.ensemble_outputs(model, stacked, w, x)
+  np.testing.assert_allclose(out["probs"], prob_space["probs"])  # the soft labels stay prob-space
+  assert not np.allclose(out["log_probs"], prob_space["log_probs"], atol=1e-4)
+
+
 def test_step_changes_only_kept_patches_and_stays_in_range():
   model, stacked, w = _teachers()
   cfg = _cfg()

@@ -172,9 +172,11 @@ def per_teacher(model, client_params, images, keep_idx, need_attention, mode, gu
 
 
 def ensemble_outputs(model, client_params, weights, images, *, keep_idx=None, mode="loop",
-                     need_attention=False, need_tokens=False, temperature=1.0, rule: Rule = MEAN):
+                     need_attention=False, need_tokens=False, temperature=1.0, rule: Rule = MEAN,
+                     target_space="prob"):
   """Returns a dict with
-    log_probs     [B, C]     log of the combined client softmaxes (for CE to targets)
+    log_probs     [B, C]     log of the combined client softmaxes (for CE to targets); with
+                             target_space 'logit', log_softmax of the combined client logits
     probs         [B, C]     the ensemble's soft label at `temperature`
     cls_attention [B, n]     CLS->patch attention of the last block, mean over heads, combined
                              over teachers
@@ -182,8 +184,12 @@ def ensemble_outputs(model, client_params, weights, images, *, keep_idx=None, mo
   """
   logits, out = per_teacher(model, client_params, images, keep_idx, need_attention, mode,
                             guard_grads=rule.name != "mean")
+  if target_space == "logit":
+    log_probs = jax.nn.log_softmax(combine(logits, rule, space="logit", weights=weights), -1)
+  else:
+    log_probs = combine(jax.nn.log_softmax(logits, -1), rule, space="log_prob", weights=weights)
   result = {
-      "log_probs": combine(jax.nn.log_softmax(logits, -1), rule, space="log_prob", weights=weights),
+      "log_probs": log_probs,
       "probs": combine(jax.nn.softmax(logits / temperature, -1), rule, space="prob", weights=weights),
   }
   if need_attention:

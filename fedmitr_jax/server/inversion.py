@@ -81,7 +81,7 @@ def make_inversion_step(model, cfg, image_size: int, rule: ensemble.Rule = ensem
     augmented, positions = patches.random_roll_flip(rng, pixels, keep_idx, patch_size=patch,
                                                     max_shift=cfg.jitter_patches, flip=cfg.flip)
     out = ensemble.ensemble_outputs(model, client_params, weights, augmented, keep_idx=positions,
-                                    mode=cfg.teachers_mode, rule=rule)
+                                    mode=cfg.teachers_mode, rule=rule, target_space=cfg.target_space)
     ce = -jnp.take_along_axis(out["log_probs"], labels[:, None], axis=1)[:, 0]
     loss = ce.mean() + cfg.tv_weight * tv_l2(pixels) + cfg.l2_weight * jnp.mean(pixels ** 2)
     return loss, ce
