@@ -44,6 +44,7 @@ def test_ensemble_averages_probabilities_not_logits():
     np.testing.assert_allclose(out[key], vmapped[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # ~10 s quiet: two ensemble compilations and three reference applies
 def test_logit_target_space_is_the_softmax_of_the_weighted_mean_logits():
   model, stacked, w = _teachers()
   w = jnp.asarray([0.5, 0.3, 0.2])
