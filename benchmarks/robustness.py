@@ -16,9 +16,10 @@ Rules: any of eval.ensemble_rule's values, plus 'mean+screen' (the mean with
 eval.screen_clients=True: flagged uploads dropped; where the `mean` run of the same attack flagged
 nothing, its results are reused rather than recomputed, marked "reused_from"). A finished run
 (results.json present) is not rerun, and an unfinished one resumes from its checkpoints, so the
-command can be killed and restarted. Writes ROOT/robustness.md and ROOT/robustness.json: per run, every method's accuracy
-and its drop against the clean `mean` run of the same setting (the server as it was before
-robust rules), and screening's precision and recall against the true malicious clients.
+command can be killed and restarted. Writes ROOT/robustness.md and ROOT/robustness.json: per
+run, every method's accuracy and its drop against the clean `mean` run of the same setting (the
+server as it was before robust rules), and screening's precision and recall against the true
+malicious clients.
 """
 import argparse
 import json
