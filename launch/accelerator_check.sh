@@ -10,8 +10,12 @@
 #    peak bf16 TFLOP/s (benchmarks/accelerator_check.py; the rows also in WORKDIR/accelerator_check.jsonl).
 # Environment: CHIP (v5e | v6e | h100 | h200; unset: no MFU column), CONFIG (default
 # configs/paper_cifar10.py; config args as in configs, e.g. configs/paper_cifar10.py:model=S/16),
-# PYTHON (default .venv/bin/python, as launch/gpu.sh and local.sh install it). The overrides after
-# WORKDIR go to both commands and win over the reduced counts; the data must be where CONFIG looks
+# PYTHON (default .venv/bin/python, as launch/gpu.sh and local.sh install it), DRY_RUN_FILE (a
+# dry_run.jsonl made elsewhere, e.g. `JAX_PLATFORMS=cpu python -m fedmitr_jax.main --config CONFIG
+# --workdir /tmp/x --dry_run --chip=h200 > dry.jsonl` on a CPU host, whose FLOP counts are the
+# same program's: step 1 is skipped, which saves minutes of GPU compilation on a short lease).
+# The overrides after WORKDIR go to both commands and win over the reduced counts (a DRY_RUN_FILE
+# must have been made with the same ones); the data must be where CONFIG looks
 # (--config.dataset.tarball=... for a copy on this host; docs/data.md). tests/test_launch.py runs
 # this with configs/smoke.py and tiny counts on a CPU.
 set -euo pipefail
@@ -42,10 +46,20 @@ reduced=(--config.clients.epochs=3 --config.clients.log_every_steps=50
          --config.distill.epochs=200 --config.distill.log_every=50 --config.distill.checkpoint_every_steps=100
          --config.generator_kd.g_steps=30)
 
+if [[ -n ${DRY_RUN_FILE:-} && ! -s $DRY_RUN_FILE ]]; then
+  echo "error: DRY_RUN_FILE $DRY_RUN_FILE: not found or empty; make it with --dry_run, or unset it" >&2
+  exit 2
+fi
+
 mkdir -p "$workdir"
-echo "== dry run of $config" >&2
-"$python" -m fedmitr_jax.main --config "$config" --workdir "$workdir/run" --dry_run "${chip[@]}" "$@" \
-    | tee "$workdir/dry_run.jsonl"
+if [[ -n ${DRY_RUN_FILE:-} ]]; then
+  echo "== dry run of $config: taken from $DRY_RUN_FILE" >&2
+  cp "$DRY_RUN_FILE" "$workdir/dry_run.jsonl"
+else
+  echo "== dry run of $config" >&2
+  "$python" -m fedmitr_jax.main --config "$config" --workdir "$workdir/run" --dry_run "${chip[@]}" "$@" \
+      | tee "$workdir/dry_run.jsonl"
+fi
 echo "== run of $config at reduced counts: $workdir/run" >&2
 "$python" benchmarks/accelerator_check.py --dry_run "$workdir/dry_run.jsonl" --log "$workdir/run.log" \
     "${chip[@]}" -- "$python" -m fedmitr_jax.main --config "$config" --workdir "$workdir/run" \

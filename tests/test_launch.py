@@ -424,3 +424,21 @@ def test_accelerator_check_runs_a_tiny_config_on_cpu(tmp_path):
   assert min(sparse) <= rows["inversion_sparse"]["tflop_per_step"] <= max(sparse)
   assert rows["distill_fedmitr"]["tflop_per_step"] == next(l["tflop_per_step"] for l in dry
                                                             if l.get("stage") == "distill_relabel")
+
+
+def test_accelerator_check_takes_a_dry_run_made_elsewhere(tmp_path):
+  """DRY_RUN_FILE: the given dry run is copied and no dry run is compiled here (the PYTHON stub records
+  every call: one, the timed run); a missing file fails with one line before anything is written."""
+  dry = tmp_path / "dry.jsonl"
+  dry.write_text('{"stage": "clients", "devices": 1, "tflop_per_step": 2.5, "steps": 10}\n')
+  _tool(tmp_path / "bin", "python_stub", '#!/bin/bash\nprintf "%s " "$@" >> "$LOG/calls"; echo >> "$LOG/calls"\n')
+  env = dict(os.environ, PYTHON=str(tmp_path / "bin" / "python_stub"), LOG=str(tmp_path), DRY_RUN_FILE=str(dry))
+  result = subprocess.run(["bash", str(REPO / "launch/accelerator_check.sh"), str(tmp_path / "w")],
+                          env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "w" / "dry_run.jsonl").read_text() == dry.read_text()
+  calls = (tmp_path / "calls").read_text().splitlines()
+  assert len(calls) == 1 and "benchmarks/accelerator_check.py" in calls[0] and "--dry_run " in calls[0]
+  missing = subprocess.run(["bash", str(REPO / "launch/accelerator_check.sh"), str(tmp_path / "w2")],
+                           env={**env, "DRY_RUN_FILE": str(tmp_path / "nope.jsonl")}, capture_output=True, text=True)
+  assert missing.returncode == 2 and "DRY_RUN_FILE" in missing.stderr and not (tmp_path / "w2").exists()
