@@ -6,7 +6,7 @@ SMI's schedule, the dense / sparse ratio they give, and the chip's measured bf16
 One JSON line per figure. The step is the bank's own (`inversion.make_inversion_step`, SMI's
 prune schedule 196 -> 137 -> 95 -> 66 -> 46 patch tokens) with random-initialised teachers (their
 weights do not change the time); each count compiles once, then the median of `--repeats` calls
-is taken (compilation excluded, `benchmarks/run.py`'s `seconds_per_call`). The ratio weights the
+is taken (compilation excluded; `benchmarks/run.py`'s `inversion_step_seconds`, as run.py times it). The ratio weights the
 per-count times by SMI's 4000-iteration schedule (`run.smi_weighted_speedup`); benchmarks/run.py
 --only sparse_vs_dense gives the same figure at the CPU shapes (32 px, patch 4). The matmul
 TFLOP/s is the measured peak that MFU figures of the same machine are read against.
@@ -23,7 +23,7 @@ import run as bench  # noqa: E402  (benchmarks/run.py: timing helpers, teachers,
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fedmitr_jax import config_base  # noqa: E402
+from fedmitr_jax import config_base  # noqa: E402  (the teachers_mode choices)
 from fedmitr_jax.models import vit  # noqa: E402
 from fedmitr_jax.server import inversion  # noqa: E402
 
@@ -44,21 +44,15 @@ def main():
     tflops = bench.jax_matmul_gflops(jnp.bfloat16, n=n, repeats=10) / 1e3
     print(json.dumps({"matmul_bf16_n": n, "tflop_per_s": round(tflops, 1)}), flush=True)
 
-  bench.IMAGE = args.image  # teachers_for builds at the module's image size
+  # run.py's helpers read the shapes from its module globals
+  bench.IMAGE, bench.BATCH, bench.TEACHERS = args.image, args.batch, args.teachers
   model, teachers = bench.teachers_for(args.variant, num=args.teachers, dtype=jnp.dtype(args.dtype))
-  cfg = config_base.base_config().inversion
-  cfg.teachers_mode = args.teachers_mode
-  step = jax.jit(inversion.make_inversion_step(model, cfg, args.image))
-  num_patches = vit.num_patches(args.variant, args.image)
-  counts = inversion.keep_counts(num_patches, len(bench.SMI_STOPS), 0.3)
-  labels = jnp.asarray(inversion.balanced_labels(0, args.batch, model.num_classes))
-  weights = jnp.full((args.teachers,), 1.0 / args.teachers)
+  counts = inversion.keep_counts(vit.num_patches(args.variant, args.image), len(bench.SMI_STOPS), 0.3)
   seconds = {}
   for n in [counts[0], counts[-1], *counts[1:-1]]:  # the two ends first: the ratio's extremes
     start = time.time()
-    state = inversion.init_state(cfg, jax.random.key(0), args.batch, args.image, num_patches)
-    state = state.replace(keep_idx=state.keep_idx[:, :n])
-    seconds[n] = bench.seconds_per_call(step, (state, labels, teachers, weights, jax.random.key(1)), args.repeats)
+    seconds[n], _ = bench.inversion_step_seconds(model, teachers, n, args.repeats, mode=args.teachers_mode,
+                                                 flops=False)  # FLOPs: the dry run's
     print(json.dumps({"tokens": n, "step_s": round(seconds[n], 5),
                       "with_compile_s": round(time.time() - start, 1)}), flush=True)
   print(json.dumps({"counts": counts, "smi_weighted_dense_over_sparse":

@@ -86,8 +86,9 @@ def teachers_for(variant, num=TEACHERS, dtype=jnp.float32):
   return model, jax.tree.map(lambda *xs: jnp.stack(xs), *params)
 
 
-def inversion_step_seconds(model, teachers, tokens, repeats, mode="loop"):
-  """(seconds, flops) of one jitted inversion step forwarding `tokens` patch tokens."""
+def inversion_step_seconds(model, teachers, tokens, repeats, mode="loop", flops=True):
+  """(seconds, flops) of one jitted inversion step forwarding `tokens` patch tokens, at the module's
+  IMAGE / BATCH / TEACHERS; flops=False skips the second compilation that counts them (None)."""
   cfg = config_base.base_config().inversion
   cfg.teachers_mode = mode
   step = jax.jit(inversion.make_inversion_step(model, cfg, IMAGE))
@@ -97,7 +98,7 @@ def inversion_step_seconds(model, teachers, tokens, repeats, mode="loop"):
   labels = jnp.asarray(inversion.balanced_labels(0, BATCH, CLASSES))
   weights = jnp.full((TEACHERS,), 1.0 / TEACHERS)
   args = (state, labels, teachers, weights, jax.random.key(1))
-  return seconds_per_call(step, args, repeats), compiled_flops(step, *args)
+  return seconds_per_call(step, args, repeats), compiled_flops(step, *args) if flops else None
 
 
 def sparse_vs_dense(variant, repeats, torch_ref):
@@ -268,8 +269,8 @@ def main():
          how="one real dense and one real sparse batch (prunes included), SMI's stops scaled")
   model, teachers = teachers_for("Mi/4")
   for n in (64, 14):
-    loop, _ = inversion_step_seconds(model, teachers, n, repeats, mode="loop")
-    vmapped, _ = inversion_step_seconds(model, teachers, n, repeats, mode="vmap")
+    loop, _ = inversion_step_seconds(model, teachers, n, repeats, mode="loop", flops=False)
+    vmapped, _ = inversion_step_seconds(model, teachers, n, repeats, mode="vmap", flops=False)
     emit(f"teachers_vmap_vs_loop_{n}tokens", loop / vmapped, goal=1.0)
   clients_line = subprocess.run(
       [sys.executable, str(REPO / "benchmarks/clients_vmap_vs_loop.py"), "--steps", "20" if args.quick else "60"],
