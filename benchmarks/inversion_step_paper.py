@@ -6,8 +6,8 @@ SMI's schedule, the dense / sparse ratio they give, and the chip's measured bf16
 One JSON line per figure. The step is the bank's own (`inversion.make_inversion_step`, SMI's
 prune schedule 196 -> 137 -> 95 -> 66 -> 46 patch tokens) with random-initialised teachers (their
 weights do not change the time); each count compiles once, then the median of `--repeats` calls
-is taken (compilation excluded; `benchmarks/run.py`'s `inversion_step_seconds`, as run.py times it). The ratio weights the
-per-count times by SMI's 4000-iteration schedule (`run.smi_weighted_speedup`); benchmarks/run.py
+is taken (compilation excluded; `benchmarks/run.py`'s `inversion_step_seconds`). The ratio
+weights the per-count times by SMI's 4000-iteration schedule (`run.smi_weighted_speedup`); run.py
 --only sparse_vs_dense gives the same figure at the CPU shapes (32 px, patch 4). The matmul
 TFLOP/s is the measured peak that MFU figures of the same machine are read against.
 """
