@@ -13,7 +13,7 @@
 # PYTHON (default .venv/bin/python, as launch/gpu.sh and local.sh install it), DRY_RUN_FILE (a
 # dry_run.jsonl made elsewhere, e.g. `JAX_PLATFORMS=cpu python -m fedmitr_jax.main --config CONFIG
 # --workdir /tmp/x --dry_run --chip=h200 > dry.jsonl` on a CPU host, whose FLOP counts are the
-# same program's: step 1 is skipped, which saves minutes of GPU compilation on a short lease).
+# same program's: step 1 is skipped, which saves minutes of GPU compilation).
 # The overrides after WORKDIR go to both commands and win over the reduced counts (a DRY_RUN_FILE
 # must have been made with the same ones); the data must be where CONFIG looks
 # (--config.dataset.tarball=... for a copy on this host; docs/data.md). tests/test_launch.py runs
