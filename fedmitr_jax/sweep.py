@@ -5,7 +5,8 @@ r"""Runs one experiment over several Dirichlet alphas and seeds, then tables and
 
 Each (alpha, seed) is an ordinary run in `<workdir>/alpha<a>_seed<s>` (resumable stage by stage,
 exactly as `fedmitr_jax.main`); runs whose `results.json` already holds every method are reused.
-Writes `<workdir>/sweep.{md,csv,json}` and `<workdir>/sweep.png`, also after each finished run,
+Writes `<workdir>/sweep.{md,csv,json}`, `<workdir>/sweep.png` and the per-run paired differences
+`<workdir>/sweep_paired.md` (e.g. fedmitr − sparse_kd on the same bank), also after each finished run,
 so a partial sweep already has a table. `--report_only` rebuilds them from the finished runs.
 The workdir may be a local folder or a `gs://` path; multi-host runs start as fedmitr_jax.main's
 (FEDMITR_DISTRIBUTED=1), every process runs every run, and process 0 alone writes the tables and
@@ -60,6 +61,9 @@ def write_report(config, workdir, runs) -> None:
   sweep_report.write_markdown(table, workdir / "sweep.md", note)
   sweep_report.write_csv(table, workdir / "sweep.csv")
   sweep_report.write_json(table, workdir / "sweep.json")
+  paired = sweep_report.paired_differences(runs)
+  if paired:
+    sweep_report.write_paired_markdown(paired, workdir / "sweep_paired.md")
   diagnostics = sweep_report.aggregate_diagnostics(runs)
   if any(rows["ensemble token acc (%)"][2] for rows in diagnostics.values()):
     sweep_report.write_markdown(diagnostics, workdir / "sweep_diagnostics.md", note,

@@ -4,10 +4,9 @@ Pure functions of the runs' `results.json` contents, so a table can be rebuilt a
 whatever runs have finished.
 """
 import csv
+import io
 import json
 import math
-
-import io
 
 import matplotlib
 from etils import epath
@@ -103,6 +102,43 @@ def aggregate_diagnostics(runs: dict) -> dict:
   return table
 
 
+# Paired comparisons: two methods of the same run share clients (and, for the bank students, the
+# bank), so their per-run difference isolates one design choice with less seed noise than the
+# difference of the means. (label, method, minus)
+PAIRED = (
+    ("sparse bank vs dense bank (sparse_kd − dense_kd)", "sparse_kd", "dense_kd"),
+    ("token relabel on the sparse bank (fedmitr − sparse_kd)", "fedmitr", "sparse_kd"),
+    ("token relabel on the dense bank (dense_relabel − dense_kd)", "dense_relabel", "dense_kd"),
+    ("both (fedmitr − dense_kd)", "fedmitr", "dense_kd"),
+    ("Co-Boosting − dense_kd", "coboosting", "dense_kd"),
+)
+
+
+def paired_differences(runs: dict) -> dict:
+  """{label: {(alpha, seed): percentage points}} for each PAIRED comparison whose two methods
+  a run has; comparisons no run can make are left out."""
+  table = {}
+  for label, method, minus in PAIRED:
+    diffs = {key: 100 * (r["methods"][method]["test_acc"] - r["methods"][minus]["test_acc"])
+             for key, r in sorted(runs.items()) if method in r["methods"] and minus in r["methods"]}
+    if diffs:
+      table[label] = diffs
+  return table
+
+
+def write_paired_markdown(table: dict, path) -> None:
+  """One column per run (alpha, seed), then the mean over runs."""
+  keys = sorted({key for diffs in table.values() for key in diffs})
+  lines = ["| comparison | " + " | ".join(f"α {a:g} s{s}" for a, s in keys) + " | mean |",
+           "|---|" + "---|" * (len(keys) + 1)]
+  for label, diffs in table.items():
+    cells = [f"{diffs[k]:+.2f}" if k in diffs else "—" for k in keys]
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean_std(list(diffs.values()))[0]:+.2f} |")
+  lines += ["", "Per-run differences of test accuracy (percentage points) between two methods of the same "
+            "run (same clients; the bank students also share the bank)."]
+  epath.Path(path).write_text("\n".join(lines) + "\n")
+
+
 def _cell(entry, signed=False):
   mean, std, n = entry
   if n == 0:
@@ -165,3 +201,10 @@ def write_json(table: dict, path) -> None:
   out = {str(a): {row: {"mean": m, "std": s, "num_seeds": n} for row, (m, s, n) in rows.items()}
          for a, rows in table.items()}
   epath.Path(path).write_text(json.dumps(out, indent=1))
+
+
+def read_json(path) -> dict:
+  """The table `write_json` wrote: {alpha: {row: (mean, std, n)}}."""
+  data = json.loads(epath.Path(path).read_text())
+  return {float(a): {row: (e["mean"], e["std"], e["num_seeds"]) for row, e in rows.items()}
+          for a, rows in data.items()}

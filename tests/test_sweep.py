@@ -71,6 +71,54 @@ def test_diagnostics_are_averaged_over_clients_then_seeds(tmp_path):
   assert "| ensemble token acc (%) | 40.00 ± 14.14 | — |" in text and "gain" not in text
 
 
+def test_paired_differences_per_run_and_mean(tmp_path):
+  runs = {
+      (0.1, 0): _results({"dense_kd": 0.20, "sparse_kd": 0.25, "fedmitr": 0.22, "coboosting": 0.31}),
+      (0.1, 1): _results({"dense_kd": 0.30, "sparse_kd": 0.26, "fedmitr": 0.30, "coboosting": 0.33}),
+      (0.5, 0): _results({"dense_kd": 0.40, "sparse_kd": 0.40}),  # no fedmitr: left out of its rows
+  }
+  table = sweep_report.paired_differences(runs)
+  relabel = table["token relabel on the sparse bank (fedmitr − sparse_kd)"]
+  assert relabel == {(0.1, 0): pytest.approx(-3.0), (0.1, 1): pytest.approx(4.0)}
+  assert table["sparse bank vs dense bank (sparse_kd − dense_kd)"][(0.5, 0)] == pytest.approx(0.0)
+  assert not any("dense_relabel" in label for label in table)  # no run has it
+  sweep_report.write_paired_markdown(table, tmp_path / "p.md")
+  text = (tmp_path / "p.md").read_text()
+  assert "| comparison | α 0.1 s0 | α 0.1 s1 | α 0.5 s0 | mean |" in text
+  assert "| token relabel on the sparse bank (fedmitr − sparse_kd) | -3.00 | +4.00 | — | +0.50 |" in text
+
+
+def test_read_json_inverts_write_json(tmp_path):
+  runs = {(a, s): _results({"fedavg": 0.1 + a, "fedmitr": 0.2 + a + s / 100}) for a in (0.1, 0.3) for s in (0, 1)}
+  table = sweep_report.aggregate(runs, ["fedavg", "fedmitr"])
+  sweep_report.write_json(table, tmp_path / "sweep.json")
+  back = sweep_report.read_json(tmp_path / "sweep.json")
+  assert back.keys() == table.keys() and back[0.3]["fedmitr"] == pytest.approx(table[0.3]["fedmitr"])
+
+
+def test_sweep_compare_table_figure_and_errors(tmp_path):
+  for name, shift in (("a", 0.0), ("b", 0.05)):
+    runs = {(al, s): _results({"fedavg": 0.1 + al + shift, "fedmitr": 0.2 + al + s / 100, "sparse_kd": 0.25})
+            for al in (0.1, 0.5) for s in (0, 1)}
+    sweep_report.write_json(sweep_report.aggregate(runs, ["fedavg", "sparse_kd", "fedmitr"]), tmp_path / f"{name}.json")
+  cmd = [sys.executable, "-m", "fedmitr_jax.sweep_compare", f"--sweep=one={tmp_path / 'a.json'}",
+         f"--sweep=two={tmp_path / 'b.json'}", "--rows=fedavg,fedmitr", f"--out={tmp_path / 'cmp'}"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  text = (tmp_path / "cmp.md").read_text()
+  assert "| method | one, α = 0.1 | two, α = 0.1 | one, α = 0.5 | two, α = 0.5 |" in text
+  assert "| fedavg | 20.00 ± 0.00 | 25.00 ± 0.00 | 60.00 ± 0.00 | 65.00 ± 0.00 |" in text
+  # gain: fedmitr (30.0, 31.0) minus sparse_kd 25 at alpha 0.1, per seed then averaged
+  assert f"| {sweep_report.GAIN_ROW} | +5.50 ± 0.71 |" in text
+  assert (tmp_path / "cmp.png").stat().st_size > 10000
+  bad_row = subprocess.run(cmd[:-2] + ["--rows=fedavg,dense", f"--out={tmp_path / 'x'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+  assert bad_row.returncode == 2 and bad_row.stderr.strip().splitlines()[-1].startswith("error: --rows: dense")
+  one = subprocess.run(cmd[:4] + cmd[5:], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert one.returncode == 2 and "two or more" in one.stderr
+  assert not (tmp_path / "x.md").exists()
+
+
 def test_changed_fields_ignores_methods_and_fields_new_to_the_code():
   saved = {"seed": 0, "methods": ["fedavg"], "distill": {"tau": 4.0}}
   same = {"seed": 0, "methods": ["fedavg", "dense"], "distill": {"tau": 4.0, "new_field": 1}}
@@ -92,6 +140,7 @@ def test_tiny_sweep_runs_then_reuses(tmp_path):
     results = json.loads((tmp_path / f"alpha{alpha}_seed3" / "results.json").read_text())
     assert results["config"]["seed"] == 3 and results["config"]["partition"]["alpha"] == float(alpha)
   assert (tmp_path / "sweep.png").exists() and "| fedavg |" in (tmp_path / "sweep.md").read_text()
+  assert not (tmp_path / "sweep_paired.md").exists()  # fedavg and ensemble make no paired comparison
   second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-2000:]
   assert second.stdout.count("reused from") == 2 and "[clients]" not in second.stdout
