@@ -86,18 +86,25 @@ def teachers_for(variant, num=TEACHERS, dtype=jnp.float32):
   return model, jax.tree.map(lambda *xs: jnp.stack(xs), *params)
 
 
-def inversion_step_seconds(model, teachers, tokens, repeats, mode="loop", flops=True):
-  """(seconds, flops) of one jitted inversion step forwarding `tokens` patch tokens, at the module's
-  IMAGE / BATCH / TEACHERS; flops=False skips the second compilation that counts them (None)."""
+def inversion_step_call(model, teachers, tokens, mode="loop", rule=None):
+  """(jitted step, its arguments): one inversion step forwarding `tokens` patch tokens, at the
+  module's IMAGE / BATCH / TEACHERS; `rule` (an ensemble.Rule) combines the teachers, the mean by
+  default."""
   cfg = config_base.base_config().inversion
   cfg.teachers_mode = mode
-  step = jax.jit(inversion.make_inversion_step(model, cfg, IMAGE))
+  step = jax.jit(inversion.make_inversion_step(model, cfg, IMAGE, **({"rule": rule} if rule else {})))
   num_patches = (IMAGE // model.patch_size) ** 2
   state = inversion.init_state(cfg, jax.random.key(0), BATCH, IMAGE, num_patches)
   state = state.replace(keep_idx=state.keep_idx[:, :tokens])
   labels = jnp.asarray(inversion.balanced_labels(0, BATCH, CLASSES))
   weights = jnp.full((TEACHERS,), 1.0 / TEACHERS)
-  args = (state, labels, teachers, weights, jax.random.key(1))
+  return step, (state, labels, teachers, weights, jax.random.key(1))
+
+
+def inversion_step_seconds(model, teachers, tokens, repeats, mode="loop", flops=True):
+  """(seconds, flops) of one inversion step (`inversion_step_call`); flops=False skips the second
+  compilation that counts them (None)."""
+  step, args = inversion_step_call(model, teachers, tokens, mode)
   return seconds_per_call(step, args, repeats), compiled_flops(step, *args) if flops else None
 
 
