@@ -59,8 +59,8 @@ def write_markdown(sweeps: dict, rows, path) -> None:
   for row in list(rows) + [sweep_report.GAIN_ROW]:
     cells = []
     for a, label in columns:
-      entry_ = sweeps[label].get(a, {}).get(row, (math.nan, math.nan, 0))
-      cells.append(sweep_report._cell(entry_, signed=row == sweep_report.GAIN_ROW))
+      value = sweeps[label].get(a, {}).get(row, (math.nan, math.nan, 0))
+      cells.append(sweep_report.cell(value, signed=row == sweep_report.GAIN_ROW))
     lines.append(f"| {row} | " + " | ".join(cells) + " |")
   lines += ["", "Test accuracy (%), mean ± std over each sweep's seeds; the gain is per seed, then averaged."]
   epath.Path(path).write_text("\n".join(lines) + "\n")
@@ -108,9 +108,10 @@ def main(argv) -> None:
     sys.exit(entry.EXIT_BAD_INPUT)
   out = epath.Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
-  write_markdown(sweeps, _ROWS.value, out.with_suffix(".md"))
-  save_plot(sweeps, _ROWS.value, out.with_suffix(".png"))
-  print(out.with_suffix(".md").read_text(), flush=True)
+  table, figure = out.parent / (out.name + ".md"), out.parent / (out.name + ".png")
+  write_markdown(sweeps, _ROWS.value, table)
+  save_plot(sweeps, _ROWS.value, figure)
+  print(table.read_text(), flush=True)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def write_paired_markdown(table: dict, path) -> None:
   epath.Path(path).write_text("\n".join(lines) + "\n")
 
 
-def _cell(entry, signed=False):
+def cell(entry, signed=False) -> str:
+  """A table cell: "mean ± std", "—" where no seed has the row."""
   mean, std, n = entry
   if n == 0:
     return "—"
@@ -153,7 +154,7 @@ def write_markdown(table: dict, path, seeds_note: str, what: str = "Test accurac
   lines = ["| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |",
            "|---|" + "---|" * len(alphas)]
   for row in rows:
-    cells = [_cell(table[a][row], signed=row == GAIN_ROW) for a in alphas]
+    cells = [cell(table[a][row], signed=row == GAIN_ROW) for a in alphas]
     name = f"**{row}**" if row in ("fedmitr", GAIN_ROW) else row
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   gain_note = "; the gain is per seed, then averaged" if GAIN_ROW in rows else ""
