@@ -39,19 +39,21 @@ def test_variant_computes_the_shipped_loss(step_variants, shipped_loss, name):
   assert vit.SelfAttention is step_variants.ORIGINAL_ATTENTION and vit.nn is step_variants.nn
 
 
-@pytest.mark.slow  # 20 compilations (4 rules x 5 token counts)
-def test_ensemble_rules_reports_every_rule_and_screening():
-  """benchmarks/ensemble_rules.py at tiny shapes: a ratio per robust rule and the screening time."""
+@pytest.mark.slow  # 10 compilations (2 rules x 5 token counts)
+def test_ensemble_rules_reports_each_rule_and_screening():
+  """benchmarks/ensemble_rules.py at tiny shapes: the mean and a robust rule at every token count,
+  their ratio and the screening time."""
   import json
   import subprocess
   out = subprocess.run([sys.executable, str(_BENCH / "ensemble_rules.py"), "--clients", "3", "--repeats", "1",
-                        "--variant", "test/4", "--batch", "4"], capture_output=True, text=True, check=True).stdout
+                        "--variant", "test/4", "--batch", "4", "--rules", "median"], capture_output=True, text=True,
+                       check=True).stdout
   lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   steps = {line["rule"]: line["step_ms"] for line in lines if "rule" in line}
-  assert sorted(steps) == ["agreement", "mean", "median", "trimmed_mean"]
+  assert sorted(steps) == ["mean", "median"]
   assert all(len(ms) == 5 and min(ms.values()) > 0 for ms in steps.values())  # 64 tokens, 4 stops
   figures = {line["figure"]: line for line in lines if "figure" in line}
-  assert {f"{r}_over_mean_inversion_K3" for r in ("median", "trimmed_mean", "agreement")} <= set(figures)
+  assert "median_over_mean_inversion_K3" in figures and figures["median_over_mean_inversion_K3"]["value"] > 0
   assert figures["screening_seconds_K3"]["value"] > 0 and figures["screening_seconds_K3"]["share_of_sparse_bank"] > 0
 
 
