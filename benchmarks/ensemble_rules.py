@@ -11,8 +11,8 @@ rules are timed in turn, one call each per round, and each takes its median over
 machine that slows down mid-run slows every rule alike. `agreement` computes the mean with other
 weights, so it is the control: its ratio is the measurement noise. Robust rules also guard each
 teacher's input gradient (`ensemble.finite_input_grad`), which is part of what is measured. Then
-screening, once per run: the probe predictions and the parameter distances
-(`pipeline.run_screening`'s work), in seconds (compilation included) and as a share of the sparse
+screening, once per run (`pipeline.run_screening`: the probe predictions and the parameter
+distances), in seconds (compilation included) and as a share of the sparse
 bank's inversion (4 batches x 100 iterations, the default job's).
 """
 import argparse
@@ -27,20 +27,18 @@ import run as bench  # noqa: E402  (benchmarks/run.py: timing helpers, teachers)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmitr_jax import config_base  # noqa: E402
+from fedmitr_jax import config_base, pipeline  # noqa: E402
 from fedmitr_jax.models import vit  # noqa: E402
-from fedmitr_jax.server import ensemble, inversion, screening  # noqa: E402
+from fedmitr_jax.server import ensemble, inversion  # noqa: E402
 
 RULES = ("mean", "median", "trimmed_mean", "agreement")
 
 
-def screening_seconds(model, teachers, cfg, image_size) -> float:
-  """Wall time of scoring the uploads once, compilation included: it runs once per server run."""
+def screening_seconds(model, teachers, cfg) -> float:
+  """Wall time of the server's screening (`pipeline.run_screening`), compilation included: it runs
+  once per server run."""
   start = time.perf_counter()
-  probe = screening.probe_images(0, cfg.eval.screen_probe_images, image_size)
-  probs = screening.client_probs(model, teachers, probe, cfg.inversion.teachers_mode)
-  num = probs.shape[0]
-  screening.screen(teachers, probs, np.full(num, 1.0 / num), z_threshold=cfg.eval.screen_z)
+  pipeline.run_screening(cfg, model, teachers, [1] * jax.tree.leaves(teachers)[0].shape[0])
   return time.perf_counter() - start
 
 
@@ -92,7 +90,7 @@ def main():
     for name in rules[1:]:
       bench.emit(f"{name}_over_mean_inversion_K{num}", bank[name] / bank["mean"],
                  how="sparse bank's inversion time, each step timed at its token count")
-    screen = screening_seconds(model, teachers, cfg, bench.IMAGE)
+    screen = screening_seconds(model, teachers, cfg)
     bench.emit(f"screening_seconds_K{num}", screen, bank_seconds=round(batches * bank["mean"], 1),
                share_of_sparse_bank=round(screen / (batches * bank["mean"]), 4))
 
