@@ -185,7 +185,8 @@ def base_config() -> ml_collections.ConfigDict:
   # How the server combines its clients, everywhere (server/ensemble.py): 'mean' (the weighted
   # mean) | 'median' / 'trimmed_mean' (coordinate-wise, Yin et al. 2018; also used for the FedAvg
   # parameter average and the students' FedAvg init) | 'agreement' (weights scaled by each client's
-  # agreement with the others on random probe images). Robust rules guard against bad uploads.
+  # agreement with the others on the synthetic images; FedAvg and the test-set evaluation, which
+  # come before synthesis, on screening's random probes). Robust rules guard against bad uploads.
   c.eval.ensemble_rule = "mean"
   c.eval.trim_fraction = 0.2           # trimmed_mean drops floor(0.2 K) clients from each end
   # Screening (server/screening.py) always scores the uploads and reports them in results.json;

@@ -117,8 +117,13 @@ def bank_targets(bank: dict, rule=ensemble.MEAN, weights=None) -> dict:
     token_acc_dropped / token_entropy_dropped: the same for the dropped (background) patches,
       whose soft labels token relabel trains on (None when the bank keeps every patch);
     kept_share: mean share of kept patches.
+    teacher_weights: under `agreement`, the weights measured on the bank's images, which its
+      KD targets use (ensemble.bank_weights); else None.
   Near-uniform dropped-token labels (entropy near ln C) teach the background patches nothing."""
   labels, masks = np.asarray(bank["labels"]), np.asarray(bank["masks"], bool)
+  bank_weights = ensemble.bank_weights(rule, weights, bank["teacher_logits"])
+  if bank_weights is not None:
+    weights = bank_weights
   teacher_probs = jax.nn.softmax(jnp.asarray(bank["teacher_logits"], jnp.float32), -1)
   probs = np.asarray(ensemble.combine(teacher_probs, rule, space="prob", weights=weights, axis=1))
   token_probs = np.asarray(bank["token_probs"], np.float32)
@@ -134,7 +139,8 @@ def bank_targets(bank: dict, rule=ensemble.MEAN, weights=None) -> dict:
   return {"images": int(len(labels)), "image_acc": float((probs.argmax(-1) == labels).mean()),
           "image_entropy": float(_entropy(probs).mean()), "kept_share": float(masks.mean()),
           "token_acc_kept": acc_kept, "token_entropy_kept": entropy_kept,
-          "token_acc_dropped": acc_dropped, "token_entropy_dropped": entropy_dropped}
+          "token_acc_dropped": acc_dropped, "token_entropy_dropped": entropy_dropped,
+          "teacher_weights": None if bank_weights is None else bank_weights.tolist()}
 
 
 def summary(teachers: dict, per_class: dict, class_names) -> dict:

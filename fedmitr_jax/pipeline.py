@@ -195,7 +195,7 @@ def run_stages(config, dataset, workdir) -> dict:
   member_sizes = [sizes[k] for k in members]
   weights = evaluate.client_weights(member_sizes, config.eval.ensemble_weighting)
   fedavg_weights = evaluate.client_weights(member_sizes, config.eval.fedavg_weighting)
-  if rule.name == "agreement":
+  if rule.name == "agreement":  # synthesis re-measures agreement on its own images (ensemble.py)
     weights = ensemble.agreement_weights(probe_probs[members], weights)
     fedavg_weights = ensemble.agreement_weights(probe_probs[members], fedavg_weights)
   fedavg = evaluate.fedavg_params(server_params, fedavg_weights, rule)

@@ -91,6 +91,38 @@ def test_agreement_weights_match_hand_computation_and_downweight_the_odd_one():
   assert ensemble.Rule("agreement").weighted and not MEDIAN.weighted
 
 
+def test_agreement_on_a_synthetic_batch_is_measured_on_that_batch():
+  """weights_on_inputs: the agreement weights of the batch's own softmaxes; no gradient through
+  the scores (only through the base weights); other rules pass the weights through."""
+  logits = jnp.asarray([[[4.0, 0.0], [2.0, 0.0]], [[3.0, 0.0], [0.0, 0.0]], [[0.0, 4.0], [0.0, 3.0]]])
+  base = jnp.asarray([0.5, 0.3, 0.2], jnp.float32)
+  agree = ensemble.Rule("agreement")
+  want = ensemble.agreement_weights(np.asarray(jax.nn.softmax(logits, -1)), np.asarray(base))
+  got = ensemble.weights_on_inputs(agree, base, logits)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert got[2] < base[2] and got[0] > base[0]  # the client voting class 1 loses weight
+  uniform = ensemble.agreement_weights(np.asarray(jax.nn.softmax(logits, -1)), np.full(3, 1 / 3))
+  np.testing.assert_allclose(ensemble.weights_on_inputs(agree, None, logits), uniform, rtol=1e-5)
+  assert ensemble.weights_on_inputs(ensemble.MEAN, base, logits) is base
+  assert ensemble.weights_on_inputs(MEDIAN, None, logits) is None
+  # the pixels get no gradient through the scores; the base weights still do (Co-Boosting)
+  grad_logits = jax.grad(lambda l: jnp.sum(ensemble.weights_on_inputs(agree, base, l) * jnp.arange(3.0)))(logits)
+  np.testing.assert_array_equal(grad_logits, 0.0)
+  grad_base = jax.grad(lambda w: ensemble.weights_on_inputs(agree, w, logits)[2])(base)
+  assert np.all(np.isfinite(grad_base)) and np.any(grad_base != 0)
+  # ensemble_outputs' combined probs use those weights (a "model" whose logits are its params)
+  class Fixed:
+    def apply(self, variables, images, keep_idx=None, return_attention=False):
+      return variables["params"], {}
+  out = ensemble.ensemble_outputs(Fixed(), logits, base, jnp.zeros((2, 1)), rule=agree)
+  np.testing.assert_allclose(out["probs"], np.tensordot(want, np.asarray(jax.nn.softmax(logits, -1)), 1),
+                             rtol=1e-5)
+  # a bank's KD weights: agreement over all its images ([N, K, C]); None under mean
+  bank_logits = jnp.swapaxes(logits, 0, 1)
+  np.testing.assert_allclose(ensemble.bank_weights(agree, base, bank_logits), want, rtol=1e-5)
+  assert ensemble.bank_weights(ensemble.MEAN, base, bank_logits) is None
+
+
 def test_robust_rules_reach_distillation_targets_and_fedavg():
   # KD targets: the bank's [B, K, C] teacher logits, combined over axis 1.
   teacher_logits = jnp.asarray([[[4.0, 0.0], [3.0, 0.0], [0.0, 40.0]]])  # client 2 is poisoned
@@ -190,6 +222,23 @@ def test_smoke_run_with_a_scaled_upload_screens_it_and_uses_the_median(tmp_path)
   assert screen["dropped"] == []  # eval.screen_clients is off by default: reported, not dropped
   assert results["ensemble_rule"]["rule"] == "median" and results["ensemble_rule"]["members"] == [0, 1, 2]
   assert set(results["methods"]) == {"fedavg", "ensemble", "fedmitr", "coboosting"}
+  for entry in results["methods"].values():
+    assert 0.0 <= entry["test_acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_smoke_run_under_agreement_weights_each_bank_on_its_own_images(tmp_path):
+  from conftest import run_main
+  done = run_main(tmp_path, "--config.attack.num_malicious=1", "--config.attack.kind=noise",
+                  "--config.eval.ensemble_rule=agreement",
+                  "--config.methods=('ensemble','sparse_kd','fedmitr','coboosting')")
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["ensemble_rule"]["rule"] == "agreement"
+  probe_weights = results["ensemble_rule"]["weights"]  # measured on screening's random probes
+  bank_weights = results["diagnostics"]["banks"]["sparse"]["teacher_weights"]  # on the bank
+  assert len(bank_weights) == 3 and sum(bank_weights) == pytest.approx(1.0)
+  assert min(bank_weights) > 0 and bank_weights != pytest.approx(probe_weights, abs=1e-6)
   for entry in results["methods"].values():
     assert 0.0 <= entry["test_acc"] <= 1.0
 

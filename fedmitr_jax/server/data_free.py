@@ -65,8 +65,10 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store,
         f"inversion_{kind}", inverter, client_params, weights, num_classes=num_classes,
         seed=config.seed, sparse=kind == "sparse", store=store)
   # KD targets: the plain mean over the bank's teachers under `mean` (as before the rules existed);
-  # the agreement weights under `agreement`; median / trimmed mean ignore weights.
-  kd_weights = weights if rule.name == "agreement" else None
+  # under `agreement`, the weights measured on the bank's own images; median / trimmed mean
+  # ignore weights.
+  kd_weights = {kind: ensemble.bank_weights(rule, weights, bank["teacher_logits"])
+                for kind, (bank, _) in banks.items()}
   results = {}
   test_images, test_labels = dataset.test_images, dataset.test_labels
   for method in [m for m in config.methods if m in generator_kd.METHODS]:
@@ -90,7 +92,7 @@ def run_data_free(config, dataset, client_params, weights, fedavg_params, store,
     stage = f"distill_{method}"
     params, facts = load_or_train(store, stage, student_init(config, student, fedavg_params), lambda init, m: (
         distill.train_student(student, cfg, bank, init, seed=config.seed, stage=stage, manager=m,
-                              rule=rule, teacher_weights=kd_weights)))
+                              rule=rule, teacher_weights=kd_weights[kind])))
     params = sharding.to_local(params)  # replicated over every process -> this process's copy
     e = config.eval
     predictions = evaluate.predicted_labels(student, params, test_images, e.batch_size, image_size=image_size)

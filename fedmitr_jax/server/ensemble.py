@@ -9,7 +9,10 @@ the bank's per-token labels, KD targets, the generator baselines, the "ensemble"
 FedAvg parameter average) calls `combine` with the run's `Rule`:
   mean          the weighted mean (today's formulas, kept bit for bit)
   agreement     the weighted mean, with weights scaled by each client's agreement with the others
-                on probe inputs (`agreement_weights`; computed once by the server, then as mean)
+                on the synthetic data itself: each synthetic batch during synthesis
+                (`weights_on_inputs`), the whole bank for its KD targets (`bank_weights`); the
+                FedAvg average and the test-set evaluation, which precede synthesis, use the
+                agreement on screening's random probe images (`agreement_weights`)
   median        coordinate-wise median over clients (Yin et al., ICML 2018)
   trimmed_mean  coordinate-wise mean after dropping the floor(trim_fraction * K) largest and
                 smallest values (Yin et al.)
@@ -115,16 +118,20 @@ def combine(values, rule: Rule = MEAN, *, space: str, weights=None, axis: int = 
   return out
 
 
+def _agreement(probs, w, xp):
+  """a_k = mean_b sum_c p_k(c | x_b) p_-k(c | x_b) for probs [K, B, C] and weights w [K] summing
+  to 1: the probability that client k's prediction and the others' (sampled from their weighted
+  mean, the leave-one-out ensemble) agree."""
+  total = xp.tensordot(w, probs, axes=1)                                  # [B, C]
+  others = (total[None] - w[:, None, None] * probs) / xp.maximum(1.0 - w, 1e-12)[:, None, None]
+  return xp.mean(xp.sum(probs * others, axis=-1), axis=-1)                # [K]
+
+
 def agreement_scores(probs, weights) -> np.ndarray:
-  """Agreement of each client with the leave-one-out ensemble of the others, on probe inputs:
-  a_k = mean_b sum_c p_k(c | x_b) p_-k(c | x_b), the probability that client k's prediction and
-  the others' (sampled from their weighted mean) agree. probs [K, B, C] (numpy), weights [K]."""
-  probs = np.asarray(probs, np.float64)
+  """Each client's agreement with the leave-one-out ensemble of the others on the inputs of
+  probs [K, B, C] (numpy, float64), weights [K]."""
   w = np.asarray(weights, np.float64)
-  w = w / w.sum()
-  total = np.tensordot(w, probs, axes=1)                        # [B, C]
-  others = (total[None] - w[:, None, None] * probs) / np.maximum(1.0 - w, 1e-12)[:, None, None]
-  return np.mean(np.sum(probs * others, axis=-1), axis=-1)      # [K]
+  return _agreement(np.asarray(probs, np.float64), w / w.sum(), np)
 
 
 def agreement_weights(probs, weights) -> np.ndarray:
@@ -133,6 +140,34 @@ def agreement_weights(probs, weights) -> np.ndarray:
   if scaled.sum() <= 0:
     scaled = np.asarray(weights, np.float64)
   return scaled / scaled.sum()
+
+
+def weights_on_inputs(rule: Rule, weights, logits):
+  """The weights that combine the teachers' outputs on one batch, given their logits [K, B, C]
+  on it. Under `agreement`, w_k a_k renormalised with a_k measured on this batch itself (a
+  synthetic batch: the rule needs no real data); any other rule: `weights` unchanged (None
+  stays None). The scores carry no gradient (the pixels must not learn to make clients agree);
+  the base weights do, so Co-Boosting can still learn them."""
+  if rule.name != "agreement":
+    return weights
+  num = logits.shape[0]
+  base = jnp.full((num,), 1.0 / num, logits.dtype) if weights is None else weights
+  base_sum = jnp.sum(base)
+  scores = jax.lax.stop_gradient(
+      _agreement(jax.nn.softmax(logits, -1), jax.lax.stop_gradient(base) / base_sum, jnp))
+  scaled = base * scores
+  return jnp.where(jnp.sum(scaled) > 0, scaled / jnp.sum(scaled), base / base_sum)
+
+
+def bank_weights(rule: Rule, weights, teacher_logits):
+  """A synthetic bank's teacher weights for its KD targets, from its per-teacher logits
+  [N, K, C]: under `agreement`, agreement_weights measured over every image of the bank (fixed
+  for all of distillation); under `mean`, None (the plain mean over the bank's teachers, as
+  before the rules existed); median and trimmed mean ignore weights (None)."""
+  if rule.name != "agreement":
+    return None
+  probs = jax.nn.softmax(jnp.swapaxes(jnp.asarray(teacher_logits, jnp.float32), 0, 1), -1)
+  return agreement_weights(np.asarray(probs), weights)
 
 
 @jax.custom_vjp
@@ -184,6 +219,7 @@ def ensemble_outputs(model, client_params, weights, images, *, keep_idx=None, mo
   """
   logits, out = per_teacher(model, client_params, images, keep_idx, need_attention, mode,
                             guard_grads=rule.name != "mean")
+  weights = weights_on_inputs(rule, weights, logits)
   if target_space == "logit":
     log_probs = jax.nn.log_softmax(combine(logits, rule, space="logit", weights=weights), -1)
   else:

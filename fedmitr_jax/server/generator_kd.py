@@ -84,7 +84,8 @@ def ensemble_logits(model, client_params, weights, images, mode, rule=ensemble.M
   (and ignores the weights, so Co-Boosting's re-weighting then has nothing to move)."""
   logits, _ = ensemble.per_teacher(model, client_params, images, None, False, mode,
                                    guard_grads=rule.name != "mean")
-  return ensemble.combine(logits, rule, space="logit", weights=weights)
+  return ensemble.combine(logits, rule, space="logit",
+                          weights=ensemble.weights_on_inputs(rule, weights, logits))
 
 
 def kl(p_logits, q_logits, t):

@@ -154,7 +154,7 @@ def make_soft_labels_fn(model, cfg, rule: ensemble.Rule = ensemble.MEAN):
   def soft_labels(pixels, client_params, weights):
     logits, out = ensemble.per_teacher(model, client_params, pixels, None, False, cfg.teachers_mode)
     token_probs = ensemble.combine(jax.nn.softmax(out["token_logits"], -1), rule, space="prob",
-                                   weights=weights)
+                                   weights=ensemble.weights_on_inputs(rule, weights, logits))
     return jnp.swapaxes(logits, 0, 1), token_probs  # [B, K, C], [B, N, C]
 
   return soft_labels
