@@ -19,7 +19,7 @@ nothing, its results are reused rather than recomputed, marked "reused_from"). A
 command can be killed and restarted. Writes ROOT/robustness.md and ROOT/robustness.json: per
 run, every method's accuracy and its drop against the clean `mean` run of the same setting (the
 server as it was before robust rules), and screening's precision and recall against the true
-malicious clients.
+malicious clients; and ROOT/robustness.png, the drops as one heatmap per (K, rule).
 """
 import argparse
 import json
@@ -31,6 +31,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("ensemble", "fedavg", "sparse_kd", "fedmitr", "coboosting")
 KINDS = ("random", "label_flip", "scaled", "sign_flip", "noise")
+RULE_ORDER = {"mean": 0, "mean+screen": 1}  # panels: the mean first, then its screened twin
 # Minutes per run on a 2-core CPU with nothing else running, from the default job's stage times
 # (README: clients 3.4 min, sparse bank 45 s, a bank student ~8 s; Co-Boosting ~32 s per round in
 # the full reproduction, 4 rounds here) plus ~1 min of loading, compiling, screening and evaluation.
@@ -188,6 +189,44 @@ def table(runs, methods) -> tuple[str, list]:
   return "\n".join(lines + ["", note]) + "\n", rows
 
 
+def save_heatmap(rows, methods, path) -> None:
+  """One panel per (K, rule): attack rows × method columns, coloured by the accuracy drop against
+  the clean `mean` run (red: worse, blue: better), the drop written in each cell; a run the
+  server stopped reads "stop", on grey; each row is labelled with what screening flagged."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  panels = sorted({(r["clients"], r["rule"]) for r in rows}, key=lambda p: (p[0], RULE_ORDER.get(p[1], 9), p[1]))
+  if not panels:
+    return
+  labels = sorted({(r["kind"], r["malicious"]) for r in rows}, key=lambda a: (a[0] != "none", a[0], a[1]))
+  limit = max([abs(r[m + "_drop"]) for r in rows for m in methods if m + "_drop" in r] + [1.0])
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 0.9 * len(methods) * len(panels), 0.9 + 0.36 * len(labels)),
+                           squeeze=False)
+  for ax, (clients, rule) in zip(axes[0], panels):
+    by_label = {(r["kind"], r["malicious"]): r for r in rows if r["clients"] == clients and r["rule"] == rule}
+    grid = np.full((len(labels), len(methods)), np.nan)
+    for i, label in enumerate(labels):
+      for j, m in enumerate(methods):
+        if m + "_drop" in by_label.get(label, {}):
+          grid[i, j] = by_label[label][m + "_drop"]
+    ax.imshow(np.ones_like(grid), cmap="Greys", vmin=0, vmax=4)  # grey under missing / stopped runs
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    for i, label in enumerate(labels):
+      row = by_label.get(label)
+      for j in range(len(methods)):
+        text = "stop" if row and "failed" in row else ("" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.1f}")
+        ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+    flagged = [f" {by_label[l]['flagged']}" if l in by_label and by_label[l].get("flagged") else "" for l in labels]
+    ax.set_yticks(range(len(labels)), [f"{k} m={m}{f}" for (k, m), f in zip(labels, flagged)], fontsize=7)
+    ax.set_title(f"K = {clients}, {rule}", fontsize=9)
+  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="drop vs clean mean (points)")
+  fig.savefig(path, dpi=130, bbox_inches="tight")
+  plt.close(fig)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,6 +261,7 @@ def main(argv=None):
   root.mkdir(parents=True, exist_ok=True)
   (root / "robustness.md").write_text(text)
   (root / "robustness.json").write_text(json.dumps(rows, indent=2))
+  save_heatmap(rows, args.methods, root / "robustness.png")
   print(text)
 
 

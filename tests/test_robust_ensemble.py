@@ -277,6 +277,9 @@ def test_robustness_plan_table_and_screening_scores(tmp_path):
   text, rows = bench.table(runs, ["ensemble"])
   assert rows[1]["ensemble_drop"] == pytest.approx(5.0) and rows[1]["screen_recall"] == 1.0
   assert "| 5 | scaled | 1 | median | 25.00 (+5.00) | [4] | 1.00 | 1.00 |" in text
+  stopped = {"clients": 5, "kind": "scaled", "malicious": 1, "rule": "mean", "failed": "exit 3: ..."}
+  bench.save_heatmap(rows + [stopped], ["ensemble"], tmp_path / "robustness.png")
+  assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_screened_run_reuses_its_unscreened_twin_only_when_nothing_was_flagged(tmp_path):
