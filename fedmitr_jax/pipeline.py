@@ -195,12 +195,15 @@ def run_stages(config, dataset, workdir) -> dict:
   member_sizes = [sizes[k] for k in members]
   weights = evaluate.client_weights(member_sizes, config.eval.ensemble_weighting)
   fedavg_weights = evaluate.client_weights(member_sizes, config.eval.fedavg_weighting)
-  if rule.name == "agreement":  # synthesis re-measures agreement on its own images (ensemble.py)
-    weights = ensemble.agreement_weights(probe_probs[members], weights)
+  eval_weights = weights
+  if rule.name == "agreement":
+    # FedAvg and the test-set ensemble come before any synthetic image exists: agreement on the
+    # random probes. Synthesis gets the base weights and measures agreement on its own images.
+    eval_weights = ensemble.agreement_weights(probe_probs[members], weights)
     fedavg_weights = ensemble.agreement_weights(probe_probs[members], fedavg_weights)
   fedavg = evaluate.fedavg_params(server_params, fedavg_weights, rule)
-  methods, client_rows, teachers = run_baseline_eval(config, dataset, sizes, client_params, weights, fedavg,
-                                           rule, members)
+  methods, client_rows, teachers = run_baseline_eval(config, dataset, sizes, client_params, eval_weights,
+                                                     fedavg, rule, members)
   student_results, bank_facts, banks = data_free.run_data_free(config, dataset, server_params, weights,
                                                                fedavg, store, rule)
   methods.update(student_results)
@@ -217,7 +220,7 @@ def run_stages(config, dataset, workdir) -> dict:
              "evaluation": {"devices": jax.device_count(), "batch_size": config.eval.batch_size},
              "attack": attack_facts, "screening": screening_facts,
              "ensemble_rule": {"rule": rule.name, "trim_fraction": rule.trim_fraction,
-                               "members": members, "weights": np.asarray(weights).tolist()},
+                               "members": members, "weights": np.asarray(eval_weights).tolist()},
              "config": config.to_dict()}
   if jax.process_index() == 0:  # one writer on multi-host runs
     for kind, (bank, _) in banks.items():
