@@ -190,7 +190,7 @@ def table(runs, methods) -> tuple[str, list]:
 
 
 def save_heatmap(rows, methods, path) -> None:
-  """One panel per (K, rule): attack rows × method columns, coloured by the accuracy drop against
+  """One panel per (K, rule), a row of panels per K: attack rows × method columns, coloured by the accuracy drop against
   the clean `mean` run (red: worse, blue: better), the drop written in each cell; a run the
   server stopped reads "stop", on grey; each row is labelled with what screening flagged."""
   import matplotlib
@@ -202,9 +202,18 @@ def save_heatmap(rows, methods, path) -> None:
     return
   labels = sorted({(r["kind"], r["malicious"]) for r in rows}, key=lambda a: (a[0] != "none", a[0], a[1]))
   limit = max([abs(r[m + "_drop"]) for r in rows for m in methods if m + "_drop" in r] + [1.0])
-  fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 0.9 * len(methods) * len(panels), 0.9 + 0.36 * len(labels)),
+  ks = sorted({k for k, _ in panels})  # one row of panels per K
+  cols = max(sum(k == c for c, _ in panels) for k in ks)
+  fig, axes = plt.subplots(len(ks), cols, figsize=(2.2 + 0.9 * len(methods) * cols, (0.9 + 0.36 * len(labels)) * len(ks)),
                            squeeze=False)
-  for ax, (clients, rule) in zip(axes[0], panels):
+  places = {}
+  for clients, rule in panels:
+    row = ks.index(clients)
+    places[(clients, rule)] = axes[row, sum(1 for c, _ in places if c == clients)]
+  for ax in axes.flat:
+    if ax not in places.values():
+      ax.axis("off")
+  for (clients, rule), ax in places.items():
     by_label = {(r["kind"], r["malicious"]): r for r in rows if r["clients"] == clients and r["rule"] == rule}
     grid = np.full((len(labels), len(methods)), np.nan)
     for i, label in enumerate(labels):
@@ -222,7 +231,8 @@ def save_heatmap(rows, methods, path) -> None:
     flagged = [f" {by_label[l]['flagged']}" if l in by_label and by_label[l].get("flagged") else "" for l in labels]
     ax.set_yticks(range(len(labels)), [f"{k} m={m}{f}" for (k, m), f in zip(labels, flagged)], fontsize=7)
     ax.set_title(f"K = {clients}, {rule}", fontsize=9)
-  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="drop vs clean mean (points)")
+  fig.subplots_adjust(hspace=0.45)  # room for the rotated method names above the next row's titles
+  fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="drop vs clean mean (points)")
   fig.savefig(path, dpi=130, bbox_inches="tight")
   plt.close(fig)
 
