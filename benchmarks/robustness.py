@@ -190,22 +190,24 @@ def table(runs, methods) -> tuple[str, list]:
 
 
 def save_heatmap(rows, methods, path) -> None:
-  """One panel per (K, rule), a row of panels per K: attack rows × method columns, coloured by the accuracy drop against
-  the clean `mean` run (red: worse, blue: better), the drop written in each cell; a run the
-  server stopped reads "stop", on grey; each row is labelled with what screening flagged."""
+  """One panel per (K, rule), a row of panels per K: attack rows × method columns, coloured by
+  the accuracy drop against the clean `mean` run (red: worse, blue: better), the drop written in
+  each cell; a run the server stopped reads "stop", on grey; each row is labelled with what
+  screening flagged."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
-  panels = sorted({(r["clients"], r["rule"]) for r in rows}, key=lambda p: (p[0], RULE_ORDER.get(p[1], 9), p[1]))
+  panels = sorted({(r["clients"], r["rule"]) for r in rows},
+                  key=lambda p: (p[0], RULE_ORDER.get(p[1], len(RULE_ORDER)), p[1]))
   if not panels:
     return
   labels = sorted({(r["kind"], r["malicious"]) for r in rows}, key=lambda a: (a[0] != "none", a[0], a[1]))
   limit = max([abs(r[m + "_drop"]) for r in rows for m in methods if m + "_drop" in r] + [1.0])
   ks = sorted({k for k, _ in panels})  # one row of panels per K
   cols = max(sum(k == c for c, _ in panels) for k in ks)
-  fig, axes = plt.subplots(len(ks), cols, figsize=(2.2 + 0.9 * len(methods) * cols, (0.9 + 0.36 * len(labels)) * len(ks)),
-                           squeeze=False)
+  size = (2.2 + 0.9 * len(methods) * cols, (0.9 + 0.36 * len(labels)) * len(ks))
+  fig, axes = plt.subplots(len(ks), cols, figsize=size, squeeze=False)
   places = {}
   for clients, rule in panels:
     row = ks.index(clients)
@@ -228,8 +230,11 @@ def save_heatmap(rows, methods, path) -> None:
         text = "stop" if row and "failed" in row else ("" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.1f}")
         ax.text(j, i, text, ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
-    flagged = [f" {by_label[l]['flagged']}" if l in by_label and by_label[l].get("flagged") else "" for l in labels]
-    ax.set_yticks(range(len(labels)), [f"{k} m={m}{f}" for (k, m), f in zip(labels, flagged)], fontsize=7)
+    names = []
+    for kind, malicious in labels:
+      flagged = by_label.get((kind, malicious), {}).get("flagged")
+      names.append(f"{kind} m={malicious}" + (f" {flagged}" if flagged else ""))
+    ax.set_yticks(range(len(labels)), names, fontsize=7)
     ax.set_title(f"K = {clients}, {rule}", fontsize=9)
   fig.subplots_adjust(hspace=0.45)  # room for the rotated method names above the next row's titles
   fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="drop vs clean mean (points)")

@@ -106,7 +106,8 @@ def test_agreement_on_a_synthetic_batch_is_measured_on_that_batch():
   assert ensemble.weights_on_inputs(ensemble.MEAN, base, logits) is base
   assert ensemble.weights_on_inputs(MEDIAN, None, logits) is None
   # the pixels get no gradient through the scores; the base weights still do (Co-Boosting)
-  grad_logits = jax.grad(lambda l: jnp.sum(ensemble.weights_on_inputs(agree, base, l) * jnp.arange(3.0)))(logits)
+  weighted_sum = lambda l: jnp.sum(ensemble.weights_on_inputs(agree, base, l) * jnp.arange(3.0))
+  grad_logits = jax.grad(weighted_sum)(logits)
   np.testing.assert_array_equal(grad_logits, 0.0)
   grad_base = jax.grad(lambda w: ensemble.weights_on_inputs(agree, w, logits)[2])(base)
   assert np.all(np.isfinite(grad_base)) and np.any(grad_base != 0)
