@@ -16,7 +16,7 @@ def _probs(shape, seed=0):
   return jax.nn.softmax(3.0 * jax.random.normal(jax.random.key(seed), shape), -1)
 
 
-# ---- mean: today's formulas, bit for bit -----------------------------------------------------
+# ---- mean: the original formulas, bit for bit--------------------------------------------------
 def test_mean_rule_is_bit_identical_to_the_formulas_it_replaced():
   """Each old formula and its `combine` call, both compiled as they are in the pipeline."""
   logits = 2.0 * jax.random.normal(jax.random.key(0), (5, 7, 10))

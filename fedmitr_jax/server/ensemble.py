@@ -7,7 +7,7 @@ forward passes (faster on a 2-core CPU: benchmarks/README.md), 'vmap' maps one f
 Every place the server combines its clients (inversion targets and loss, attention at the stops,
 the bank's per-token labels, KD targets, the generator baselines, the "ensemble" evaluation, the
 FedAvg parameter average) calls `combine` with the run's `Rule`:
-  mean          the weighted mean (today's formulas, kept bit for bit)
+  mean          the weighted mean (the formulas from before rules existed, kept bit for bit)
   agreement     the weighted mean, with weights scaled by each client's agreement with the others
                 on the synthetic data itself: each synthetic batch during synthesis
                 (`weights_on_inputs`), the whole bank for its KD targets (`bank_weights`); the
@@ -29,7 +29,7 @@ import numpy as np
 from fedmitr_jax import config_base
 
 RULES = config_base.CHOICES["eval.ensemble_rule"]
-# What the combined values are; it picks today's mean formula and whether a robust result is
+# What the combined values are; it picks the mean's formula and whether a robust result is
 # renormalised over classes (the last axis).
 SPACES = ("prob", "log_prob", "logit", "score", "param")
 
